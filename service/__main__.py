@@ -1,0 +1,48 @@
+"""`python -m service migrate|serve|banner`: configured only by the environment (DESIGN §9)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from service.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service", description="Dodo Payments entitlement service")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("migrate", help="apply database migrations (Alembic) up to head")
+    commands.add_parser("serve", help="serve gRPC and the webhook HTTP app until SIGTERM")
+    commands.add_parser("banner", help="print the addresses and an example call for the current environment")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = Settings()
+
+    if args.command == "migrate":
+        from storage.migrate import upgrade
+
+        upgrade(settings.require_database())
+        print("migrations: at head", flush=True)
+        return 0
+    if args.command == "banner":
+        from service.banner import banner
+
+        print(banner(settings), flush=True)
+        return 0
+    if args.command == "serve":
+        import uvloop
+
+        from service.server import serve
+
+        try:
+            uvloop.run(serve(settings))
+        except ValueError as exc:  # configuration refused at start (empty webhook key, bad catalog)
+            print(f"entitlements: refusing to start: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Protobuf <-> domain for entitlements.v1. Protobuf types stop here: nothing past the servicer sees them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+from entitlements.v1 import entitlements_pb2 as pb
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from service.domain import AccessReason, FeatureDecision, FeatureKind, SubscriptionView
+
+_REASONS: dict[AccessReason, pb.AccessReason.ValueType] = {
+    AccessReason.ACTIVE: pb.ACCESS_REASON_ACTIVE,
+    AccessReason.TRIALING: pb.ACCESS_REASON_TRIALING,
+    AccessReason.CANCELLATION_SCHEDULED: pb.ACCESS_REASON_CANCELLATION_SCHEDULED,
+    AccessReason.GRACE_PERIOD: pb.ACCESS_REASON_GRACE_PERIOD,
+    AccessReason.NO_SUBSCRIPTION: pb.ACCESS_REASON_NO_SUBSCRIPTION,
+    AccessReason.FEATURE_NOT_IN_PLAN: pb.ACCESS_REASON_FEATURE_NOT_IN_PLAN,
+    AccessReason.SUBSCRIPTION_INACTIVE: pb.ACCESS_REASON_SUBSCRIPTION_INACTIVE,
+    AccessReason.CREDITS_EXHAUSTED: pb.ACCESS_REASON_CREDITS_EXHAUSTED,
+}
+
+_KINDS: dict[FeatureKind, pb.FeatureKind.ValueType] = {
+    FeatureKind.BOOLEAN: pb.FEATURE_KIND_BOOLEAN,
+    FeatureKind.LIMIT: pb.FEATURE_KIND_LIMIT,
+    FeatureKind.CREDIT: pb.FEATURE_KIND_CREDIT,
+}
+
+
+def reason_name(reason: AccessReason) -> str:
+    """The enum value's name, e.g. for ErrorInfo reasons: ACCESS_REASON_SUBSCRIPTION_INACTIVE."""
+    return pb.AccessReason.Name(_REASONS[reason])
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def decimal_text(value: Decimal | None) -> str:
+    if value is None:
+        return ""
+    # Plain notation, no exponent, no trailing zeros after the point: "1500", "0.25", "-3".
+    return format(value.normalize(), "f") if value != 0 else "0"
+
+
+def check_access_response(decision: FeatureDecision) -> pb.CheckAccessResponse:
+    sub = decision.subscription
+    return pb.CheckAccessResponse(
+        allowed=decision.allowed,
+        reason=_REASONS[decision.reason],
+        status=sub.status if sub is not None else "",
+        subscription_id=sub.subscription_id if sub is not None else "",
+        product_id=sub.product_id if sub is not None else "",
+        access_ends_at=timestamp(decision.access_ends_at),
+        limit=decision.limit,
+        balance=decimal_text(decision.balance),
+        kind=_KINDS[decision.kind],
+    )
+
+
+def subscription(view: SubscriptionView) -> pb.Subscription:
+    state = view.state
+    scheduled = state.scheduled_change
+    interval = (
+        f"{state.payment_frequency_count} {state.payment_frequency_interval}"
+        if state.payment_frequency_interval
+        else ""
+    )
+    return pb.Subscription(
+        subscription_id=state.subscription_id,
+        customer_id=state.customer_id,
+        customer_email=state.customer_email,
+        product_id=state.product_id,
+        status=state.status,
+        quantity=state.quantity,
+        trial_ends_at=timestamp(view.trial_ends_at),
+        current_period_start=timestamp(state.previous_billing_date),
+        current_period_end=timestamp(state.next_billing_date),
+        cancel_at_period_end=state.cancel_at_next_billing_date,
+        cancelled_at=timestamp(state.cancelled_at),
+        access=pb.AccessDecision(
+            allowed=view.access.allowed,
+            reason=_REASONS[view.access.reason],
+            access_ends_at=timestamp(view.access.access_ends_at),
+        ),
+        features=list(view.features),
+        limits=view.limits,
+        credits={key: decimal_text(value) for key, value in view.credits.items()},
+        recurring_amount=state.recurring_pre_tax_amount,
+        currency=state.currency,
+        billing_interval=interval,
+        updated_at=timestamp(state.updated_at),
+        scheduled_change=None
+        if scheduled is None
+        else pb.ScheduledChange(
+            product_id=scheduled.product_id,
+            quantity=scheduled.quantity,
+            effective_at=timestamp(scheduled.effective_at),
+        ),
+        plan_name=view.plan_name,
+    )

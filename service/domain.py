@@ -1,0 +1,130 @@
+"""Domain values shared by the gRPC service, the webhook receiver and storage.
+
+Plain frozen dataclasses: no protobuf, no ORM. Storage maps rows to these, the servicer maps these to protobuf.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+
+
+class AccessReason(enum.StrEnum):
+    ACTIVE = "ACTIVE"
+    TRIALING = "TRIALING"
+    CANCELLATION_SCHEDULED = "CANCELLATION_SCHEDULED"
+    GRACE_PERIOD = "GRACE_PERIOD"
+    NO_SUBSCRIPTION = "NO_SUBSCRIPTION"
+    FEATURE_NOT_IN_PLAN = "FEATURE_NOT_IN_PLAN"
+    SUBSCRIPTION_INACTIVE = "SUBSCRIPTION_INACTIVE"
+    CREDITS_EXHAUSTED = "CREDITS_EXHAUSTED"
+
+    @property
+    def grants(self) -> bool:
+        return self in _GRANTING
+
+
+_GRANTING = frozenset(
+    {
+        AccessReason.ACTIVE,
+        AccessReason.TRIALING,
+        AccessReason.CANCELLATION_SCHEDULED,
+        AccessReason.GRACE_PERIOD,
+    }
+)
+
+
+class FeatureKind(enum.StrEnum):
+    BOOLEAN = "boolean"
+    LIMIT = "limit"
+    CREDIT = "credit"
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledChange:
+    product_id: str
+    quantity: int
+    effective_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class CartCredit:
+    """One row of a subscription's `credit_entitlement_cart`: which Dodo credit entitlements it carries."""
+
+    credit_entitlement_id: str
+    overage_enabled: bool
+    overage_limit: Decimal | None
+
+
+@dataclass(frozen=True, slots=True)
+class Addon:
+    addon_id: str
+    quantity: int
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionState:
+    """The stored Dodo snapshot of one subscription, as far as the rules need it."""
+
+    subscription_id: str
+    customer_id: str
+    product_id: str
+    status: str
+    quantity: int
+    created_at: datetime
+    trial_period_days: int = 0
+    previous_billing_date: datetime | None = None
+    next_billing_date: datetime | None = None
+    cancel_at_next_billing_date: bool = False
+    cancelled_at: datetime | None = None
+    expires_at: datetime | None = None
+    past_due_ends_at: datetime | None = None
+    on_hold_since: datetime | None = None
+    customer_email: str = ""
+    customer_name: str = ""
+    currency: str = ""
+    recurring_pre_tax_amount: int = 0
+    payment_frequency_count: int = 0
+    payment_frequency_interval: str = ""
+    scheduled_change: ScheduledChange | None = None
+    credit_cart: tuple[CartCredit, ...] = ()
+    addons: tuple[Addon, ...] = ()
+    last_event_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccessDecision:
+    """The decision for one subscription as a whole."""
+
+    allowed: bool
+    reason: AccessReason
+    access_ends_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureDecision:
+    """The decision for one customer and one feature, with the subscription that decided it."""
+
+    allowed: bool
+    reason: AccessReason
+    kind: FeatureKind
+    subscription: SubscriptionState | None = None
+    access_ends_at: datetime | None = None
+    limit: int = 0
+    balance: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionView:
+    """A subscription with everything GetSubscription shows: its decision, plan contents and balances."""
+
+    state: SubscriptionState
+    access: AccessDecision
+    plan_name: str = ""
+    features: tuple[str, ...] = ()
+    limits: dict[str, int] = field(default_factory=dict)
+    credits: dict[str, Decimal] = field(default_factory=dict)
+    trial_ends_at: datetime | None = None

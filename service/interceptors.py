@@ -1,0 +1,118 @@
+"""Cross-cutting gRPC concerns: bearer-token auth, and mapping domain/infra errors to status codes once."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias, cast
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from service.errors import DomainError
+from storage.errors import is_database_unavailable
+
+log = logging.getLogger("entitlements.grpc")
+
+ERROR_DOMAIN = "entitlements.v1"
+_PUBLIC_PREFIXES = ("/grpc.health.v1.Health/",)
+
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]]"
+
+
+def _same_kind(
+    handler: grpc.RpcMethodHandler[Any, Any], behaviour: Callable[..., Any]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of the same streaming kind as `handler` whose body is `behaviour`."""
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(behaviour, **kwargs)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(behaviour, **kwargs)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(behaviour, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(behaviour, **kwargs)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Accepts `authorization: Bearer <token>` for one of ENTITLEMENTS_API_TOKENS; health checks stay open."""
+
+    def __init__(self, tokens: frozenset[str]) -> None:
+        self._tokens = tuple(token.encode() for token in tokens)
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or not self._tokens or handler_call_details.method.startswith(_PUBLIC_PREFIXES):
+            return handler
+        if self._authorized(handler_call_details.invocation_metadata or ()):
+            return handler
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+        return _same_kind(handler, deny)
+
+    def _authorized(self, metadata: Any) -> bool:
+        for key, value in metadata:
+            if key != "authorization" or not isinstance(value, str):
+                continue
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                return False
+            presented = token.strip().encode()
+            # Compare against every token so timing does not reveal which prefix matched.
+            return any([hmac.compare_digest(presented, known) for known in self._tokens])  # noqa: C419
+        return False
+
+
+def status_for(error: DomainError) -> grpc.Status:
+    details = []
+    if error.reason:
+        info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
+        packed = any_pb2.Any()
+        packed.Pack(info)
+        details.append(packed)
+    status = status_pb2.Status(code=error.grpc_code.value[0], message=error.message, details=details)
+    return rpc_status.to_status(status)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Domain errors become their status (with ErrorInfo); Postgres outages become UNAVAILABLE; the rest INTERNAL."""
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = cast(Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]], handler.unary_unary)
+        method = handler_call_details.method
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                return await inner(request, context)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except DomainError as error:
+                status = status_for(error)
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            except Exception as error:
+                if is_database_unavailable(error):
+                    log.warning("grpc.unavailable", extra={"method": method})
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "storage unavailable, retry later")
+                log.exception("grpc.failed", extra={"method": method})
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+        return _same_kind(handler, guarded)
+
+
+assert code_pb2.OK == 0  # google.rpc codes equal grpc's numeric codes

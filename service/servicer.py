@@ -1,0 +1,46 @@
+"""entitlements.v1.EntitlementService: request validation lives in the use cases, conversion in convert.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from entitlements.v1 import entitlements_pb2 as pb
+from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
+
+from service import convert
+from service.entitlements import EntitlementReader
+from service.errors import DomainError
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class Unimplemented(DomainError):
+    grpc_code = grpc.StatusCode.UNIMPLEMENTED
+    http_status = 501
+
+
+class EntitlementServicer(pb_grpc.EntitlementServiceServicer):
+    def __init__(self, reader: EntitlementReader) -> None:
+        self.reader = reader
+
+    async def CheckAccess(self, request: pb.CheckAccessRequest, context: Context) -> pb.CheckAccessResponse:
+        decision = await self.reader.check_access(request.customer_id, request.feature)
+        return convert.check_access_response(decision)
+
+    async def GetSubscription(self, request: pb.GetSubscriptionRequest, context: Context) -> pb.GetSubscriptionResponse:
+        view = await self.reader.get_subscription(
+            subscription_id=request.subscription_id, customer_id=request.customer_id
+        )
+        return pb.GetSubscriptionResponse(subscription=convert.subscription(view))
+
+    async def ChangePlan(self, request: pb.ChangePlanRequest, context: Context) -> pb.ChangePlanResponse:
+        raise Unimplemented("ChangePlan is not available yet")
+
+    async def ConsumeCredits(self, request: pb.ConsumeCreditsRequest, context: Context) -> pb.ConsumeCreditsResponse:
+        raise Unimplemented("ConsumeCredits is not available yet")
+
+    async def ListCreditLedger(
+        self, request: pb.ListCreditLedgerRequest, context: Context
+    ) -> pb.ListCreditLedgerResponse:
+        raise Unimplemented("ListCreditLedger is not available yet")

@@ -1,0 +1,52 @@
+"""The one settings object, read from the environment of DESIGN §9 when a process starts (never at import)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.catalog import EXAMPLE_CATALOG
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (value or "").split(",") if part.strip())
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", frozen=True)
+
+    database_url: str = Field("", alias="DATABASE_URL")
+    dodo_payments_webhook_key: str = Field("", alias="DODO_PAYMENTS_WEBHOOK_KEY")
+    dodo_payments_api_key: str | None = Field(None, alias="DODO_PAYMENTS_API_KEY")
+    dodo_payments_base_url: str | None = Field(None, alias="DODO_PAYMENTS_BASE_URL")
+    grpc_addr: str = Field("127.0.0.1:50051", alias="ENTITLEMENTS_GRPC_ADDR")
+    http_addr: str = Field("127.0.0.1:8080", alias="ENTITLEMENTS_HTTP_ADDR")
+    catalog_path: Path = Field(EXAMPLE_CATALOG, alias="ENTITLEMENTS_CATALOG")
+    api_tokens_raw: str = Field("", alias="ENTITLEMENTS_API_TOKENS")
+    db_pool_size: int = Field(10, alias="ENTITLEMENTS_DB_POOL_SIZE", ge=1)
+    shutdown_grace_seconds: float = Field(10.0, alias="ENTITLEMENTS_SHUTDOWN_GRACE_SECONDS", ge=0)
+    dodo_timeout_seconds: float = Field(15.0, alias="ENTITLEMENTS_DODO_TIMEOUT_SECONDS", gt=0)
+    reconcile_interval_seconds: float = Field(0.0, alias="ENTITLEMENTS_RECONCILE_INTERVAL_SECONDS", ge=0)
+    reconcile_rate_per_minute: int = Field(90, alias="ENTITLEMENTS_RECONCILE_RATE_PER_MINUTE", ge=1)
+    reconcile_renewal_margin_hours: float = Field(6.0, alias="ENTITLEMENTS_RECONCILE_RENEWAL_MARGIN_HOURS", ge=0)
+    reconcile_refresh_days: float = Field(7.0, alias="ENTITLEMENTS_RECONCILE_REFRESH_DAYS", gt=0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return value.strip()
+
+    @property
+    def webhook_keys(self) -> tuple[str, ...]:
+        return _split(self.dodo_payments_webhook_key)
+
+    @property
+    def api_tokens(self) -> frozenset[str]:
+        return frozenset(_split(self.api_tokens_raw))
+
+    def require_database(self) -> str:
+        if not self.database_url:
+            raise SystemExit("DATABASE_URL is not set (make run starts a local Postgres when it is unset)")
+        return self.database_url

@@ -1,0 +1,66 @@
+"""Applying a Dodo subscription snapshot: the one path shared by webhooks, ChangePlan and reconciliation.
+
+`data` is the subscription's state at delivery time, so the event type never drives state; ordering comes from the
+envelope timestamp, and an event older than the last applied one is kept (by the caller) but never regresses state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.domain import SubscriptionState
+from service.payloads import parse_subscription
+from storage.repositories.subscriptions import SubscriptionRepository
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotOutcome:
+    applied: bool
+    previous: SubscriptionState | None
+    current: SubscriptionState
+
+
+def merge(
+    current: SubscriptionState | None, incoming: SubscriptionState, event_at: datetime
+) -> SubscriptionState | None:
+    """The state to store, or None when the incoming snapshot is older than what is applied."""
+    if current is not None and current.last_event_at is not None and event_at < current.last_event_at:
+        return None
+    return replace(incoming, on_hold_since=_hold_since(current, incoming.status, event_at), last_event_at=event_at)
+
+
+def _hold_since(current: SubscriptionState | None, status: str, event_at: datetime) -> datetime | None:
+    """When the current payment-trouble episode began: grace is measured from the first event that showed it."""
+    previous = current.status if current is not None else None
+    kept = current.on_hold_since if current is not None else None
+    if status == "on_hold":
+        return kept if previous == "on_hold" and kept is not None else event_at
+    if status == "past_due":
+        return kept if previous in ("past_due", "on_hold") and kept is not None else event_at
+    return None
+
+
+async def apply_snapshot(
+    session: AsyncSession,
+    data: dict[str, Any],
+    event_at: datetime,
+    *,
+    refreshed_at: datetime | None = None,
+) -> SnapshotOutcome:
+    """Parse, merge under a per-subscription lock and store; the caller's transaction commits it."""
+    incoming = parse_subscription(data)
+    repository = SubscriptionRepository(session)
+    current = await repository.lock(incoming.subscription_id)
+    merged = merge(current, incoming, event_at)
+    if merged is None:
+        assert current is not None
+        return SnapshotOutcome(False, current, current)
+    await repository.save(merged, data, refreshed_at=refreshed_at)
+    await repository.notify_changed(merged.customer_id)
+    if current is not None and current.customer_id != merged.customer_id:
+        await repository.notify_changed(current.customer_id)
+    return SnapshotOutcome(True, current, merged)

@@ -1,0 +1,93 @@
+"""Table definitions. Migrations under storage/migrations are written from these and checked against them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, MetaData, Text, func
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+Timestamp = DateTime(timezone=True)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Customer(Base):
+    __tablename__ = "customers"
+
+    customer_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    email: Mapped[str] = mapped_column(Text, default="", server_default="")
+    name: Mapped[str] = mapped_column(Text, default="", server_default="")
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class Subscription(Base):
+    """The latest applied Dodo snapshot of a subscription, plus what we derive from the event stream."""
+
+    __tablename__ = "subscriptions"
+
+    subscription_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    customer_id: Mapped[str] = mapped_column(Text, ForeignKey("customers.customer_id"), index=True)
+    product_id: Mapped[str] = mapped_column(Text)
+    # Stored as received: an unknown future status is kept and denies access.
+    status: Mapped[str] = mapped_column(Text)
+    quantity: Mapped[int] = mapped_column(Integer, default=1)
+    currency: Mapped[str] = mapped_column(Text, default="", server_default="")
+    recurring_pre_tax_amount: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    payment_frequency_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    payment_frequency_interval: Mapped[str] = mapped_column(Text, default="", server_default="")
+    trial_period_days: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    dodo_created_at: Mapped[datetime] = mapped_column(Timestamp)
+    previous_billing_date: Mapped[datetime | None] = mapped_column(Timestamp)
+    next_billing_date: Mapped[datetime | None] = mapped_column(Timestamp)
+    cancel_at_next_billing_date: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    cancelled_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    past_due_ends_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Envelope time of the first event that showed the current on_hold/past_due episode.
+    on_hold_since: Mapped[datetime | None] = mapped_column(Timestamp)
+    scheduled_change: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    credit_entitlement_cart: Mapped[list[Any]] = mapped_column(JSONB, default=list, server_default="[]")
+    addons: Mapped[list[Any]] = mapped_column(JSONB, default=list, server_default="[]")
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, default=dict, server_default="{}")
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    # Envelope time of the newest applied event; older events are kept in the inbox but never regress state.
+    last_event_at: Mapped[datetime] = mapped_column(Timestamp)
+    # When a snapshot fetched from Dodo itself (ChangePlan, reconciliation) was last applied.
+    refreshed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+    __table_args__ = (Index("ix_subscriptions_status_next_billing_date", "status", "next_billing_date"),)
+
+
+class WebhookInbox(Base):
+    """Every verified delivery, once per webhook-id; the row and its state change commit together."""
+
+    __tablename__ = "webhook_inbox"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    webhook_id: Mapped[str] = mapped_column(Text, unique=True)
+    event_type: Mapped[str] = mapped_column(Text)
+    event_timestamp: Mapped[datetime] = mapped_column(Timestamp)
+    business_id: Mapped[str] = mapped_column(Text, default="", server_default="")
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    # applied | stale | recorded | ignored
+    status: Mapped[str] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    subject_id: Mapped[str | None] = mapped_column(Text, index=True)
+    received_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    processed_at: Mapped[datetime | None] = mapped_column(Timestamp)

@@ -1,0 +1,175 @@
+"""Real Postgres for the whole run (a fresh database, migrated with Alembic), truncated before each test; a real
+grpc.aio server on port 0 and the real aiohttp app, assembled by the same `start()` that `serve` uses."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+import grpc
+import pytest
+from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
+
+from service.catalog import Catalog, load_catalog
+from service.server import Running, start
+from service.settings import Settings
+from storage.engine import Database, plain_url
+from storage.migrate import upgrade
+from storage.models import Base
+from tests.support import API_TOKEN, WEBHOOK_SECRET, FakeClock, WebhookPoster
+
+LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _docker_engine_answers() -> bool:
+    import socket
+
+    # Ask the engine's socket directly: the docker client alone (no engine) is common, and its SDK leaks sockets.
+    path = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock").removeprefix("unix://")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(path)
+            probe.sendall(b"GET /_ping HTTP/1.0\r\n\r\n")
+            return b"OK" in probe.recv(1024)
+        except OSError:
+            return False
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """TEST_DATABASE_URL if set, else a testcontainers Postgres when a Docker engine answers, else the local one."""
+    explicit = os.environ.get("TEST_DATABASE_URL")
+    if explicit:
+        yield explicit
+        return
+    if os.environ.get("ENTITLEMENTS_TEST_NO_DOCKER") != "1" and _docker_engine_answers():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16-alpine", driver=None) as container:
+            yield container.get_connection_url()
+        return
+    yield LOCAL_SERVER
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(plain_url(url))
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url: str) -> Iterator[str]:
+    name = f"entitlements_test_{uuid.uuid4().hex[:12]}"
+    admin = plain_url(server_url)
+
+    async def admin_sql(sql: str) -> None:
+        connection = await asyncpg.connect(admin)
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    asyncio.run(admin_sql(f'CREATE DATABASE "{name}"'))
+    url = _with_database(server_url, name)
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+TABLES = ", ".join(table.name for table in Base.metadata.sorted_tables)
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    database = Database.from_url(database_url, pool_size=5)
+    async with database.engine.begin() as connection:
+        await connection.exec_driver_sql(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+    yield database
+    await database.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(scope="session")
+def catalog() -> Catalog:
+    return load_catalog(Path(__file__).resolve().parent.parent / "service" / "catalog.example.toml")
+
+
+def make_settings(database_url: str, **overrides: str) -> Settings:
+    env = {
+        "DATABASE_URL": database_url,
+        "DODO_PAYMENTS_WEBHOOK_KEY": WEBHOOK_SECRET,
+        "ENTITLEMENTS_GRPC_ADDR": "127.0.0.1:0",
+        "ENTITLEMENTS_HTTP_ADDR": "127.0.0.1:0",
+        "ENTITLEMENTS_API_TOKENS": API_TOKEN,
+        **overrides,
+    }
+    return Settings.model_validate(env)
+
+
+@pytest.fixture
+async def service(database_url: str, db: Database, clock: FakeClock, catalog: Catalog) -> AsyncIterator[Running]:
+    running = await start(make_settings(database_url), clock=clock, catalog=catalog, db=db)
+    yield running
+    if not running.stopped.is_set():
+        await running.stop(0)
+
+
+class BearerToken(grpc.aio.UnaryUnaryClientInterceptor):
+    """Attach the test API token to every unary call, as a calling service would."""
+
+    def __init__(self, token: str) -> None:
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        metadata = tuple(client_call_details.metadata or ()) + self.metadata
+        details = grpc.aio.ClientCallDetails(
+            client_call_details.method,
+            client_call_details.timeout,
+            grpc.aio.Metadata(*metadata),
+            client_call_details.credentials,
+            client_call_details.wait_for_ready,
+        )
+        return await continuation(details, request)
+
+
+@pytest.fixture
+async def channel(service: Running) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{service.grpc_port}", interceptors=[BearerToken(API_TOKEN)]
+    ) as channel:
+        yield channel
+
+
+@pytest.fixture
+async def anonymous_channel(service: Running) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        yield channel
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> pb_grpc.EntitlementServiceAsyncStub:
+    return pb_grpc.EntitlementServiceStub(channel)
+
+
+@pytest.fixture
+async def webhooks(service: Running) -> AsyncIterator[WebhookPoster]:
+    async with aiohttp.ClientSession() as session:
+        yield WebhookPoster(f"http://127.0.0.1:{service.http_port}/webhooks/dodo", session)

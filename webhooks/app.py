@@ -1,0 +1,107 @@
+"""The aiohttp app: Dodo's webhook endpoint plus liveness and readiness probes on the HTTP port."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from sqlalchemy import text
+
+from service.errors import DomainError
+from storage.engine import Database
+from storage.errors import is_database_unavailable
+from webhooks.events import parse_event
+from webhooks.ingest import ingest
+from webhooks.verify import InvalidSignature, SignatureVerifier
+
+log = logging.getLogger("entitlements.webhooks")
+
+MAX_BODY_BYTES = 1024 * 1024
+READY_TIMEOUT_SECONDS = 2.0
+
+
+@dataclass
+class Lifecycle:
+    """Set to draining on shutdown so load balancers stop sending before the listeners close."""
+
+    draining: bool = False
+
+
+DB = web.AppKey("db", Database)
+VERIFIER = web.AppKey("verifier", SignatureVerifier)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except DomainError as exc:
+        return _error(exc.http_status, exc.message)
+    except Exception as exc:
+        if is_database_unavailable(exc):
+            log.warning("webhook.unavailable", extra={"path": request.path})
+            return _error(503, "storage unavailable, retry later")
+        log.exception("webhook.failed", extra={"path": request.path})
+        return _error(500, "internal error")
+
+
+async def receive_dodo(request: web.Request) -> web.Response:
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        return _error(413, f"body over {MAX_BODY_BYTES} bytes")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, f"body over {MAX_BODY_BYTES} bytes")
+    headers = {name.lower(): value for name, value in request.headers.items()}
+    try:
+        request.app[VERIFIER].verify(body, headers)
+    except InvalidSignature as exc:
+        log.warning("webhook.rejected", extra={"why": str(exc), "webhook_id": headers.get("webhook-id")})
+        return _error(401, "invalid webhook signature")
+    try:
+        event = parse_event(body, headers["webhook-id"], headers["webhook-timestamp"])
+    except DomainError as exc:
+        log.warning("webhook.malformed", extra={"why": exc.message, "webhook_id": headers["webhook-id"]})
+        return _error(400, exc.message)
+    outcome = await ingest(request.app[DB], event)
+    return web.json_response({"status": outcome.value})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[LIFECYCLE].draining:
+        return _error(503, "shutting down")
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_SECONDS), request.app[DB].engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+    except Exception as exc:
+        if is_database_unavailable(exc):
+            return _error(503, "storage unavailable")
+        raise
+    return web.json_response({"status": "ready"})
+
+
+def create_app(*, db: Database, verifier: SignatureVerifier, lifecycle: Lifecycle | None = None) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_middleware])
+    app[DB] = db
+    app[VERIFIER] = verifier
+    app[LIFECYCLE] = lifecycle or Lifecycle()
+    app.router.add_post("/webhooks/dodo", receive_dodo)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

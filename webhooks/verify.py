@@ -1,0 +1,41 @@
+"""Standard Webhooks signature verification over the raw body, with several keys during rotation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+
+class InvalidSignature(Exception):
+    """Missing or malformed headers, no matching signature, or a timestamp outside the ±5 minute tolerance."""
+
+
+class SignatureVerifier:
+    def __init__(self, secrets: Sequence[str]) -> None:
+        if not secrets:
+            raise ValueError("DODO_PAYMENTS_WEBHOOK_KEY is empty: refusing to accept unsigned webhooks")
+        try:
+            self._hooks = [Webhook(secret) for secret in secrets]
+        except Exception as exc:  # the library raises bare errors for bad base64
+            raise ValueError("DODO_PAYMENTS_WEBHOOK_KEY is not a valid whsec_ secret") from exc
+
+    def verify(self, body: bytes, headers: Mapping[str, str]) -> None:
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            # The library signs text; a body that is not UTF-8 cannot carry a valid signature from Dodo.
+            raise InvalidSignature("body is not UTF-8") from None
+        wanted = {k: headers[k] for k in ("webhook-id", "webhook-timestamp", "webhook-signature") if k in headers}
+        for hook in self._hooks:
+            try:
+                hook.verify(text, wanted, json_parse=False)
+            except WebhookVerificationError as exc:
+                error = str(exc)
+                if "timestamp" in error.lower() or "headers" in error.lower():
+                    raise InvalidSignature(error) from None
+                continue
+            except (ValueError, TypeError):  # e.g. a signature entry without "v1," or bad base64
+                continue
+            return
+        raise InvalidSignature("no matching signature")
