@@ -108,7 +108,7 @@ def feature_access(
     """The decision for one customer and one feature (the feature must be a catalog key).
 
     For a credit feature, `balance` is the customer's balance and `overage_headroom` how far below zero it may go;
-    access then also needs `balance + overage_headroom > 0`.
+    access then also needs `balance + overage_headroom > 0`. With `balance` None only the subscriptions decide.
     """
     kind = catalog.kind_of(feature) or FeatureKind.BOOLEAN
     carrying = [s for s in subs if carries_feature(s, catalog, feature)]
@@ -127,7 +127,7 @@ def feature_access(
         limit = plan.limits.get(feature, 0) if plan is not None else 0
     if not decision.allowed:
         return FeatureDecision(False, decision.reason, kind, sub, limit=limit, balance=balance)
-    if kind is FeatureKind.CREDIT and (balance or Decimal(0)) + overage_headroom <= 0:
+    if kind is FeatureKind.CREDIT and balance is not None and balance + overage_headroom <= 0:
         return FeatureDecision(
             False, AccessReason.CREDITS_EXHAUSTED, kind, sub, decision.access_ends_at, balance=balance
         )

@@ -8,6 +8,8 @@ from decimal import Decimal
 from entitlements.v1 import entitlements_pb2 as pb
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from service import credits
+from service.consumption import ConsumeRequest, ConsumeResult, LedgerPage
 from service.domain import AccessReason, FeatureDecision, FeatureKind, SubscriptionView
 
 _REASONS: dict[AccessReason, pb.AccessReason.ValueType] = {
@@ -28,11 +30,6 @@ _KINDS: dict[FeatureKind, pb.FeatureKind.ValueType] = {
 }
 
 
-def reason_name(reason: AccessReason) -> str:
-    """The enum value's name, e.g. for ErrorInfo reasons: ACCESS_REASON_SUBSCRIPTION_INACTIVE."""
-    return pb.AccessReason.Name(_REASONS[reason])
-
-
 def timestamp(value: datetime | None) -> Timestamp | None:
     if value is None:
         return None
@@ -42,10 +39,7 @@ def timestamp(value: datetime | None) -> Timestamp | None:
 
 
 def decimal_text(value: Decimal | None) -> str:
-    if value is None:
-        return ""
-    # Plain notation, no exponent, no trailing zeros after the point: "1500", "0.25", "-3".
-    return format(value.normalize(), "f") if value != 0 else "0"
+    return "" if value is None else credits.decimal_text(value)
 
 
 def check_access_response(decision: FeatureDecision) -> pb.CheckAccessResponse:
@@ -103,4 +97,45 @@ def subscription(view: SubscriptionView) -> pb.Subscription:
             effective_at=timestamp(scheduled.effective_at),
         ),
         plan_name=view.plan_name,
+    )
+
+
+def consume_request(request: pb.ConsumeCreditsRequest) -> ConsumeRequest:
+    return ConsumeRequest(
+        customer_id=request.customer_id,
+        credit=request.credit,
+        amount=request.amount,
+        idempotency_key=request.idempotency_key,
+        description=request.description,
+        metadata=dict(request.metadata),
+    )
+
+
+def consume_response(result: ConsumeResult) -> pb.ConsumeCreditsResponse:
+    return pb.ConsumeCreditsResponse(
+        entry_id=result.entry_id,
+        balance_after=decimal_text(result.balance_after),
+        overage_after=decimal_text(result.overage_after),
+        replayed=result.replayed,
+    )
+
+
+def ledger_page(page: LedgerPage) -> pb.ListCreditLedgerResponse:
+    return pb.ListCreditLedgerResponse(
+        entries=[
+            pb.CreditLedgerEntry(
+                entry_id=entry.entry_id,
+                customer_id=entry.customer_id,
+                credit=entry.credit,
+                amount=decimal_text(entry.amount),
+                balance_after=decimal_text(entry.balance_after),
+                kind=entry.kind,
+                source=entry.source,
+                description=entry.description,
+                metadata=dict(entry.metadata),
+                created_at=timestamp(entry.created_at),
+            )
+            for entry in page.entries
+        ],
+        next_page_token=page.next_page_token,
     )

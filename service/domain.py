@@ -25,6 +25,11 @@ class AccessReason(enum.StrEnum):
     def grants(self) -> bool:
         return self in _GRANTING
 
+    @property
+    def code(self) -> str:
+        """The contract's enum name (ACCESS_REASON_…), used as google.rpc.ErrorInfo reason."""
+        return f"ACCESS_REASON_{self.value}"
+
 
 _GRANTING = frozenset(
     {

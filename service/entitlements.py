@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from service import access
+from service import access, credits
 from service.catalog import Catalog
 from service.clock import Clock
 from service.domain import FeatureDecision, FeatureKind, SubscriptionState, SubscriptionView
 from service.errors import InvalidArgument, NotFound
 from storage.engine import Database
+from storage.repositories.credits import CreditRepository
 from storage.repositories.subscriptions import SubscriptionRepository
 
 
@@ -27,10 +28,16 @@ class EntitlementReader:
         kind = self.catalog.kind_of(feature)
         if kind is None:
             raise InvalidArgument(f"unknown feature {feature!r}: not a feature, limit or credit of the catalog")
+        now = self.clock()
         async with self.db.transaction() as session:
             subs = await SubscriptionRepository(session).for_customer(customer_id)
-        balance = Decimal(0) if kind is FeatureKind.CREDIT else None
-        return access.feature_access(subs, self.catalog, feature, self.clock(), balance=balance)
+            accounts = await CreditRepository(session).accounts(customer_id) if kind is FeatureKind.CREDIT else {}
+        if kind is not FeatureKind.CREDIT:
+            return access.feature_access(subs, self.catalog, feature, now)
+        account = accounts.get(feature)
+        balance = credits.effective_balance(account, now) if account is not None else Decimal(0)
+        headroom = credits.overage_limit(self.catalog.credits[feature], subs)
+        return access.feature_access(subs, self.catalog, feature, now, balance=balance, overage_headroom=headroom)
 
     async def get_subscription(self, *, subscription_id: str = "", customer_id: str = "") -> SubscriptionView:
         async with self.db.transaction() as session:
@@ -45,7 +52,13 @@ class EntitlementReader:
                     raise NotFound(f"customer {customer_id!r} has no subscription")
             else:
                 raise InvalidArgument("subscription_id or customer_id is required")
-        return self.view(sub)
+            accounts = await CreditRepository(session).accounts(sub.customer_id)
+        now = self.clock()
+        balances = {
+            key: credits.effective_balance(accounts[key], now) if key in accounts else Decimal(0)
+            for key in credits.credits_of(sub, self.catalog)
+        }
+        return self.view(sub, balances)
 
     def view(self, sub: SubscriptionState, credits: dict[str, Decimal] | None = None) -> SubscriptionView:
         plan = self.catalog.plan(sub.product_id)

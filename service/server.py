@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.catalog import Catalog, load_catalog
 from service.clock import Clock, utc_now
+from service.consumption import CreditService
 from service.entitlements import EntitlementReader
 from service.interceptors import AuthInterceptor, ErrorInterceptor
 from service.servicer import EntitlementServicer
@@ -72,7 +73,8 @@ async def start(
         interceptors=[AuthInterceptor(settings.api_tokens), ErrorInterceptor()],
         options=[("grpc.so_reuseport", 0)],
     )
-    pb_grpc.add_EntitlementServiceServicer_to_server(EntitlementServicer(reader), server)
+    credit_service = CreditService(db, catalog, clock)
+    pb_grpc.add_EntitlementServiceServicer_to_server(EntitlementServicer(reader, credit_service), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -87,7 +89,7 @@ async def start(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     lifecycle = Lifecycle()
-    runner = web.AppRunner(create_app(db=db, verifier=verifier, lifecycle=lifecycle), access_log=None)
+    runner = web.AppRunner(create_app(db=db, catalog=catalog, verifier=verifier, lifecycle=lifecycle), access_log=None)
     await runner.setup()
     host, port = split_addr(settings.http_addr)
     site = web.TCPSite(runner, host, port)

@@ -9,6 +9,7 @@ from entitlements.v1 import entitlements_pb2 as pb
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 
 from service import convert
+from service.consumption import CreditService
 from service.entitlements import EntitlementReader
 from service.errors import DomainError
 
@@ -21,8 +22,9 @@ class Unimplemented(DomainError):
 
 
 class EntitlementServicer(pb_grpc.EntitlementServiceServicer):
-    def __init__(self, reader: EntitlementReader) -> None:
+    def __init__(self, reader: EntitlementReader, credits: CreditService) -> None:
         self.reader = reader
+        self.credits = credits
 
     async def CheckAccess(self, request: pb.CheckAccessRequest, context: Context) -> pb.CheckAccessResponse:
         decision = await self.reader.check_access(request.customer_id, request.feature)
@@ -38,9 +40,11 @@ class EntitlementServicer(pb_grpc.EntitlementServiceServicer):
         raise Unimplemented("ChangePlan is not available yet")
 
     async def ConsumeCredits(self, request: pb.ConsumeCreditsRequest, context: Context) -> pb.ConsumeCreditsResponse:
-        raise Unimplemented("ConsumeCredits is not available yet")
+        result = await self.credits.consume(convert.consume_request(request))
+        return convert.consume_response(result)
 
     async def ListCreditLedger(
         self, request: pb.ListCreditLedgerRequest, context: Context
     ) -> pb.ListCreditLedgerResponse:
-        raise Unimplemented("ListCreditLedger is not available yet")
+        page = await self.credits.ledger(request.customer_id, request.credit, request.page_size, request.page_token)
+        return convert.ledger_page(page)

@@ -12,6 +12,8 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.catalog import Catalog
+from service.credit_grants import grant_for_period
 from service.domain import SubscriptionState
 from service.payloads import parse_subscription
 from storage.repositories.subscriptions import SubscriptionRepository
@@ -46,12 +48,14 @@ def _hold_since(current: SubscriptionState | None, status: str, event_at: dateti
 
 async def apply_snapshot(
     session: AsyncSession,
+    catalog: Catalog,
     data: dict[str, Any],
     event_at: datetime,
     *,
     refreshed_at: datetime | None = None,
 ) -> SnapshotOutcome:
-    """Parse, merge under a per-subscription lock and store; the caller's transaction commits it."""
+    """Parse, merge under a per-subscription lock, store, and grant the period's plan credits; the caller's
+    transaction commits it all."""
     incoming = parse_subscription(data)
     repository = SubscriptionRepository(session)
     current = await repository.lock(incoming.subscription_id)
@@ -63,4 +67,5 @@ async def apply_snapshot(
     await repository.notify_changed(merged.customer_id)
     if current is not None and current.customer_id != merged.customer_id:
         await repository.notify_changed(current.customer_id)
+    await grant_for_period(session, catalog, merged, event_at)
     return SnapshotOutcome(True, current, merged)

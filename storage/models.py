@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, MetaData, Text, func
+from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, MetaData, Numeric, Text, func, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -91,3 +92,68 @@ class WebhookInbox(Base):
     subject_id: Mapped[str | None] = mapped_column(Text, index=True)
     received_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
     processed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class CreditBalance(Base):
+    """One credit of one customer: the balance (sum of its ledger) and the grants that make it up (burn order)."""
+
+    __tablename__ = "credit_balances"
+
+    customer_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    credit: Mapped[str] = mapped_column(Text, primary_key=True)
+    balance: Mapped[Decimal] = mapped_column(Numeric, default=Decimal(0), server_default="0")
+    # [{grant_id, remaining, expires_at, source}]: small, and read under the same row lock as the balance.
+    grants: Mapped[list[Any]] = mapped_column(JSONB, default=list, server_default="[]")
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class CreditLedgerEntry(Base):
+    """Immutable: every change of a balance, with where it came from."""
+
+    __tablename__ = "credit_ledger"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    entry_id: Mapped[str] = mapped_column(Text, unique=True)
+    customer_id: Mapped[str] = mapped_column(Text)
+    credit: Mapped[str] = mapped_column(Text)
+    amount: Mapped[Decimal] = mapped_column(Numeric)
+    balance_after: Mapped[Decimal] = mapped_column(Numeric)
+    # consumption | plan_grant | grant_expiry | dodo_ledger
+    kind: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(Text, default="", server_default="")
+    idempotency_key: Mapped[str | None] = mapped_column(Text)
+    fingerprint: Mapped[str | None] = mapped_column(Text)
+    dodo_entry_id: Mapped[str | None] = mapped_column(Text)
+    description: Mapped[str] = mapped_column(Text, default="", server_default="")
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, default=dict, server_default="{}")
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+    __table_args__ = (
+        Index(
+            "uq_credit_ledger_idempotency",
+            "customer_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+        Index(
+            "uq_credit_ledger_dodo_entry_id",
+            "dodo_entry_id",
+            unique=True,
+            postgresql_where=text("dodo_entry_id IS NOT NULL"),
+        ),
+        Index("ix_credit_ledger_account", "customer_id", "credit", "id"),
+    )
+
+
+class CreditPeriodGrant(Base):
+    """Marks a plan's per-period grant as given, so each (subscription, credit, period) is granted once."""
+
+    __tablename__ = "credit_period_grants"
+
+    subscription_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    credit: Mapped[str] = mapped_column(Text, primary_key=True)
+    period_start: Mapped[datetime] = mapped_column(Timestamp, primary_key=True)
+    customer_id: Mapped[str] = mapped_column(Text)
+    amount: Mapped[Decimal] = mapped_column(Numeric)
+    granted_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())

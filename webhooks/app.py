@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from sqlalchemy import text
 
+from service.catalog import Catalog
 from service.errors import DomainError
 from storage.engine import Database
 from storage.errors import is_database_unavailable
@@ -32,6 +33,7 @@ class Lifecycle:
 
 DB = web.AppKey("db", Database)
 VERIFIER = web.AppKey("verifier", SignatureVerifier)
+CATALOG = web.AppKey("catalog", Catalog)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -75,7 +77,7 @@ async def receive_dodo(request: web.Request) -> web.Response:
     except DomainError as exc:
         log.warning("webhook.malformed", extra={"why": exc.message, "webhook_id": headers["webhook-id"]})
         return _error(400, exc.message)
-    outcome = await ingest(request.app[DB], event)
+    outcome = await ingest(request.app[DB], request.app[CATALOG], event)
     return web.json_response({"status": outcome.value})
 
 
@@ -96,10 +98,13 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
-def create_app(*, db: Database, verifier: SignatureVerifier, lifecycle: Lifecycle | None = None) -> web.Application:
+def create_app(
+    *, db: Database, catalog: Catalog, verifier: SignatureVerifier, lifecycle: Lifecycle | None = None
+) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_middleware])
     app[DB] = db
     app[VERIFIER] = verifier
+    app[CATALOG] = catalog
     app[LIFECYCLE] = lifecycle or Lifecycle()
     app.router.add_post("/webhooks/dodo", receive_dodo)
     app.router.add_get("/healthz", healthz)

@@ -29,6 +29,21 @@ SUBSCRIPTION_EVENTS = frozenset(
 )
 
 
+CREDIT_LEDGER_EVENTS = frozenset(
+    f"credit.{name}"
+    for name in (
+        "added",
+        "deducted",
+        "expired",
+        "rolled_over",
+        "rollover_forfeited",
+        "overage_charged",
+        "overage_reset",
+        "manual_adjustment",
+    )
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     webhook_id: str

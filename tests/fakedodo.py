@@ -1,0 +1,660 @@
+"""A fake Dodo Payments HTTP API for tests, driven through the real `dodopayments` SDK.
+
+It speaks the real paths, request bodies, response shapes and error bodies (`{"code", "message"}`) of the
+subscription endpoints the service uses (DESIGN §8), keeps its state in plain dicts that tests read and edit,
+records every request it receives, and can be told to fail in the ways production will: error statuses, hangs
+longer than the client's timeout, added latency, and "applied the change, then lost the answer".
+
+Usage::
+
+    async with start_fake_dodo() as (fake, base_url):
+        sub = fake.add_subscription()
+        client = AsyncDodoPayments(bearer_token="test_key", base_url=base_url)
+        await client.subscriptions.retrieve(sub["subscription_id"])
+
+Prices are deterministic: `products` maps a product id to its price in minor units, `addon_prices` does the
+same for add-ons, and proration counts whole days left in the current period (see `FakeDodo.preview`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import fnmatch
+import json
+import math
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+__all__ = [
+    "ADDON_EXTRA_PROJECTS",
+    "ADDON_EXTRA_SEAT",
+    "PRODUCT_PRO",
+    "PRODUCT_STARTER",
+    "PRODUCT_TEAM",
+    "FakeDodo",
+    "RecordedRequest",
+    "start_fake_dodo",
+]
+
+# The products of the example catalog (service/catalog.example.toml) and the webhook fixtures, so tests that
+# mix webhooks, the catalog and this fake agree on ids.
+PRODUCT_STARTER = "pdt_1Bz4Ns8StarterMth2Xk"
+PRODUCT_PRO = "pdt_6Gx2Kq9LwPro0Mth4Rt1"
+PRODUCT_TEAM = "pdt_3Rt8Yu1PaTeam0Mth7Wq"
+ADDON_EXTRA_SEAT = "adn_2Qw7Er4SeatAdd0nX9Lp"
+ADDON_EXTRA_PROJECTS = "adn_8Mn3Bv6ProjAdd0nK2Jh"
+
+DEFAULT_PRODUCTS: dict[str, int] = {PRODUCT_STARTER: 900, PRODUCT_PRO: 2900, PRODUCT_TEAM: 9900}
+DEFAULT_PRODUCT_NAMES: dict[str, str] = {PRODUCT_STARTER: "Starter", PRODUCT_PRO: "Pro", PRODUCT_TEAM: "Team"}
+DEFAULT_ADDON_PRICES: dict[str, int] = {ADDON_EXTRA_SEAT: 500, ADDON_EXTRA_PROJECTS: 1500}
+DEFAULT_ADDON_NAMES: dict[str, str] = {ADDON_EXTRA_SEAT: "Extra seat", ADDON_EXTRA_PROJECTS: "Extra projects"}
+
+PRORATION_MODES = frozenset(
+    {
+        "prorated_immediately",
+        "full_immediately",
+        "difference_immediately",
+        "do_not_bill",
+        "prorated_immediately_keep_cycle",
+    }
+)
+EFFECTIVE_AT = frozenset({"immediately", "next_billing_date"})
+ON_PAYMENT_FAILURE = frozenset({"prevent_change", "apply_change"})
+HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+
+_DEFAULT_CODES = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    408: "REQUEST_TIMEOUT",
+    409: "CONFLICT",
+    422: "UNPROCESSABLE_ENTITY",
+    429: "TOO_MANY_REQUESTS",
+    500: "INTERNAL_SERVER_ERROR",
+    502: "BAD_GATEWAY",
+    503: "SERVICE_UNAVAILABLE",
+    504: "GATEWAY_TIMEOUT",
+}
+
+_INTERVAL_DAYS = {"Day": 1, "Week": 7, "Month": 30, "Year": 365}
+_JSON_BODY = web.RequestKey("json_body", object)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedRequest:
+    """One request as the fake received it, before auth or injected failures were applied."""
+
+    method: str
+    path: str
+    json: Any
+    """The parsed JSON body; None when there was no body, the raw text when it was not JSON."""
+    headers: dict[str, str]
+    """Header names lower-cased."""
+    query: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def retry_count(self) -> int:
+        """The SDK numbers its attempts in `x-stainless-retry-count` (0 = first try)."""
+        return int(self.headers.get("x-stainless-retry-count", "0"))
+
+
+@dataclass(slots=True)
+class _Failure:
+    method: str | None
+    pattern: str
+    times: int
+    status: int = 500
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    hang: float | None = None
+    apply_first: bool = False
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.method is not None and self.method != method:
+            return False
+        if not self.pattern:
+            return True
+        if any(ch in self.pattern for ch in "*?["):
+            return fnmatch.fnmatchcase(path, self.pattern)
+        return path.endswith(self.pattern)
+
+
+class FakeDodoError(Exception):
+    """Raised inside handlers; becomes a Dodo-shaped error response."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _parse_dt(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(10)}"
+
+
+def _error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"code": code, "message": message}, status=status, headers=headers)
+
+
+class FakeDodo:
+    """State and behaviour of the fake Dodo API. Tests read and edit the public attributes directly.
+
+    - `products`: product id → price per unit in minor units; a change-plan to a product not listed is a 422.
+    - `addon_prices`: add-on id → price per unit in minor units; unknown add-ons are a 422.
+    - `subscriptions`: subscription id → the Subscription JSON, exactly as `GET /subscriptions/{id}` sends it.
+    - `requests`: every request received, in order, including unauthenticated and failed ones.
+    - `latency`: seconds every request waits before being handled.
+    - `hang_seconds`: how long `timeout_next` rules sleep; keep it above the client timeout.
+    - `frozen_now`: the fake's clock; None means real time.
+    - `handler_errors`: exceptions raised by the fake's own code (bugs); `start_fake_dodo` fails on them at exit.
+    """
+
+    def __init__(
+        self,
+        api_key: str = "test_key",
+        *,
+        products: dict[str, int] | None = None,
+        addon_prices: dict[str, int] | None = None,
+    ) -> None:
+        self.api_key = api_key
+        self.products: dict[str, int] = dict(DEFAULT_PRODUCTS if products is None else products)
+        self.product_names: dict[str, str] = dict(DEFAULT_PRODUCT_NAMES)
+        self.addon_prices: dict[str, int] = dict(DEFAULT_ADDON_PRICES if addon_prices is None else addon_prices)
+        self.addon_names: dict[str, str] = dict(DEFAULT_ADDON_NAMES)
+        self.subscriptions: dict[str, dict[str, Any]] = {}
+        self.requests: list[RecordedRequest] = []
+        self.latency: float = 0.0
+        self.hang_seconds: float = 5.0
+        self.frozen_now: datetime | None = None
+        self.base_url: str = ""
+        self.handler_errors: list[Exception] = []
+        self._failures: list[_Failure] = []
+
+    # ------------------------------------------------------------------ clock and state helpers
+
+    def now(self) -> datetime:
+        return self.frozen_now if self.frozen_now is not None else datetime.now(UTC)
+
+    def add_subscription(self, **overrides: Any) -> dict[str, Any]:
+        """Store and return a realistic active subscription: a 30-day period with 20 whole days left.
+
+        Any top-level field can be overridden. `recurring_pre_tax_amount` follows product, quantity and
+        add-ons unless given. The product (and add-ons) must be priced in `products` / `addon_prices`.
+        """
+        now = self.now()
+        product_id: str = overrides.get("product_id", PRODUCT_PRO)
+        quantity: int = overrides.get("quantity", 1)
+        addons: list[dict[str, Any]] = copy.deepcopy(overrides.get("addons", []))
+        if product_id not in self.products:
+            raise KeyError(f"product {product_id!r} has no price: add it to fake.products first")
+        for addon in addons:
+            if addon["addon_id"] not in self.addon_prices:
+                raise KeyError(f"add-on {addon['addon_id']!r} has no price: add it to fake.addon_prices first")
+        # Whole days plus a margin, so day-counted proration stays stable however long the test runs.
+        period_start = now - timedelta(days=10, minutes=1)
+        period_end = now + timedelta(days=20, minutes=1)
+        sub: dict[str, Any] = {
+            "subscription_id": _new_id("sub"),
+            "status": "active",
+            "product_id": product_id,
+            "quantity": quantity,
+            "customer": {
+                "customer_id": _new_id("cus"),
+                "email": "ada@example.com",
+                "name": "Ada Lovelace",
+                "phone_number": None,
+                "metadata": {},
+            },
+            "billing": {
+                "country": "US",
+                "city": "Austin",
+                "state": "TX",
+                "street": "500 Congress Ave",
+                "zipcode": "78701",
+            },
+            "brand_id": "brd_3Kp9Lw2Qx7Rt5Vb1Nm8Zc",
+            "metadata": {},
+            "currency": "USD",
+            "recurring_pre_tax_amount": self._recurring_amount(product_id, quantity, addons),
+            "tax_inclusive": False,
+            "payment_frequency_count": 1,
+            "payment_frequency_interval": "Month",
+            "subscription_period_count": 10,
+            "subscription_period_interval": "Year",
+            "trial_period_days": 0,
+            "trial_amount": None,
+            "on_demand": False,
+            "has_payment_method": True,
+            "created_at": _iso(period_start),
+            "previous_billing_date": _iso(period_start),
+            "next_billing_date": _iso(period_end),
+            "expires_at": _iso(period_start + timedelta(days=3650)),
+            "cancel_at_next_billing_date": False,
+            "cancelled_at": None,
+            "cancelled_by": None,
+            "cancellation_comment": None,
+            "cancellation_feedback": None,
+            "paused_at": None,
+            "addons": addons,
+            "meters": [],
+            "credit_entitlement_cart": [],
+            "meter_credit_entitlement_cart": [],
+            "scheduled_change": None,
+            "discounts": None,
+            "discount_id": None,
+            "discount_cycles_remaining": None,
+            "custom_field_responses": None,
+            "customer_business_name": None,
+            "tax_id": None,
+            "payment_method_id": _new_id("pm"),
+            "past_due_ends_at": None,
+            "payment_id": None,
+        }
+        sub.update(copy.deepcopy(overrides))
+        sub["addons"] = addons
+        self.subscriptions[sub["subscription_id"]] = sub
+        return sub
+
+    def set_subscription(self, subscription_id: str, **changes: Any) -> dict[str, Any]:
+        """Edit a stored subscription in place (e.g. `status="on_hold"`) and return it."""
+        sub = self.subscriptions[subscription_id]
+        sub.update(copy.deepcopy(changes))
+        return sub
+
+    def apply_scheduled_change(self, subscription_id: str) -> dict[str, Any]:
+        """Play the renewal that applies a `next_billing_date` change: new plan, next period, no schedule."""
+        sub = self.subscriptions[subscription_id]
+        scheduled = sub.get("scheduled_change")
+        if scheduled is None:
+            raise ValueError(f"{subscription_id} has no scheduled change")
+        addons = [{"addon_id": a["addon_id"], "quantity": a["quantity"]} for a in scheduled["addons"]]
+        start = _parse_dt(sub["next_billing_date"])
+        days = _INTERVAL_DAYS.get(sub["payment_frequency_interval"], 30) * sub["payment_frequency_count"]
+        sub.update(
+            product_id=scheduled["product_id"],
+            quantity=scheduled["quantity"],
+            addons=addons,
+            recurring_pre_tax_amount=self._recurring_amount(scheduled["product_id"], scheduled["quantity"], addons),
+            previous_billing_date=_iso(start),
+            next_billing_date=_iso(start + timedelta(days=days)),
+            scheduled_change=None,
+        )
+        return sub
+
+    def requests_matching(self, spec: str) -> list[RecordedRequest]:
+        """Recorded requests matching a spec in the same syntax as `fail_next`."""
+        probe = _parse_spec(spec, times=1)
+        return [r for r in self.requests if probe.matches(r.method, r.path)]
+
+    # ------------------------------------------------------------------ failure injection
+
+    def fail_next(
+        self,
+        spec: str,
+        status: int = 500,
+        *,
+        times: int = 1,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Answer the next `times` matching requests with `status` instead of handling them.
+
+        `spec` is a path suffix (`"/change-plan"`), a glob over the whole path (`"/subscriptions/*"`), a
+        method (`"GET"`), or a method and either of those (`"POST /change-plan/preview"`).
+
+        `body` is a dict (sent as JSON), a str (sent as text, like a proxy's HTML page) or None (a Dodo-shaped
+        body for the status). `headers` are added to the response (e.g. `{"retry-after-ms": "10"}`).
+        """
+        rule = _parse_spec(spec, times=times)
+        rule.status, rule.body, rule.headers = status, body, dict(headers or {})
+        self._failures.append(rule)
+
+    def timeout_next(self, spec: str, *, times: int = 1, seconds: float | None = None) -> None:
+        """Hang the next `times` matching requests for `seconds` (default `hang_seconds`), then answer 504."""
+        rule = _parse_spec(spec, times=times)
+        rule.status, rule.hang = 504, self.hang_seconds if seconds is None else seconds
+        self._failures.append(rule)
+
+    def apply_then_fail(
+        self,
+        spec: str = "POST /subscriptions/*/change-plan",
+        status: int = 502,
+        *,
+        times: int = 1,
+        timeout: bool = False,
+        body: Any = None,
+    ) -> None:
+        """Handle the next matching requests for real (state changes stick), then lose the answer.
+
+        The client sees `status` (or, with `timeout=True`, a hang longer than its timeout): the case where
+        Dodo applied a plan change but we never heard back.
+        """
+        rule = _parse_spec(spec, times=times)
+        rule.status, rule.body, rule.apply_first = status, body, True
+        if timeout:
+            rule.status, rule.hang = 504, self.hang_seconds
+        self._failures.append(rule)
+
+    def clear_failures(self) -> None:
+        self._failures.clear()
+
+    def _take_failure(self, method: str, path: str) -> _Failure | None:
+        for rule in self._failures:
+            if rule.matches(method, path):
+                rule.times -= 1
+                if rule.times <= 0:
+                    self._failures.remove(rule)
+                return rule
+        return None
+
+    async def _failure_response(self, rule: _Failure) -> web.StreamResponse:
+        if rule.hang is not None:
+            # The client is expected to give up first; if it does not, it gets what a gateway would send.
+            await asyncio.sleep(rule.hang)
+        if isinstance(rule.body, str):
+            return web.Response(status=rule.status, text=rule.body, headers=rule.headers, content_type="text/html")
+        if rule.body is not None:
+            return web.json_response(rule.body, status=rule.status, headers=rule.headers)
+        code = _DEFAULT_CODES.get(rule.status, "ERROR")
+        return _error_response(rule.status, code, f"Injected failure: {code}", rule.headers)
+
+    # ------------------------------------------------------------------ the aiohttp app
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware])
+        app.router.add_get("/subscriptions/{subscription_id}", self._get_subscription)
+        app.router.add_post("/subscriptions/{subscription_id}/change-plan", self._change_plan)
+        app.router.add_post("/subscriptions/{subscription_id}/change-plan/preview", self._preview_change_plan)
+        return app
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await self._handle(request, handler)
+        except Exception as exc:
+            # A bug in the fake must fail the test, not pass as a Dodo 500 that the SDK quietly retries.
+            self.handler_errors.append(exc)
+            raise
+
+    async def _handle(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        raw = await request.read()
+        body: Any = None
+        body_ok = True
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body, body_ok = raw.decode("utf-8", "replace"), False
+        self.requests.append(
+            RecordedRequest(
+                method=request.method,
+                path=request.path,
+                json=body,
+                headers={k.lower(): v for k, v in request.headers.items()},
+                query=dict(request.query),
+            )
+        )
+        request[_JSON_BODY] = body
+        if self.latency > 0:
+            await asyncio.sleep(self.latency)
+        rule = self._take_failure(request.method, request.path)
+        if rule is not None and not rule.apply_first:
+            return await self._failure_response(rule)
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            response: web.StreamResponse = _error_response(
+                401, "UNAUTHORIZED", "Authentication failed: the API key is missing or invalid"
+            )
+        elif not body_ok:
+            response = _error_response(400, "INVALID_REQUEST_BODY", "The request body is not valid JSON")
+        else:
+            try:
+                response = await handler(request)
+            except FakeDodoError as exc:
+                response = _error_response(exc.status, exc.code, exc.message)
+            except web.HTTPException as exc:
+                # Unknown routes and methods answer in Dodo's shape too, so the SDK maps them the same way.
+                response = _error_response(exc.status, _DEFAULT_CODES.get(exc.status, "ERROR"), exc.reason)
+        if rule is not None:
+            return await self._failure_response(rule)
+        return response
+
+    def _subscription_or_404(self, request: web.Request) -> dict[str, Any]:
+        subscription_id = request.match_info["subscription_id"]
+        sub = self.subscriptions.get(subscription_id)
+        if sub is None:
+            raise FakeDodoError(404, "NOT_FOUND", f"Subscription {subscription_id} not found")
+        return sub
+
+    async def _get_subscription(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self._subscription_or_404(request))
+
+    async def _change_plan(self, request: web.Request) -> web.StreamResponse:
+        sub = self._subscription_or_404(request)
+        body = self._validate_change(sub, request[_JSON_BODY])
+        # In place, so dicts a test got from add_subscription stay live views of the fake's state.
+        changed = self._changed(sub, body)
+        sub.clear()
+        sub.update(changed)
+        return web.json_response({"client_secret": None, "expires_on": None, "payment_id": None, "payment_link": None})
+
+    async def _preview_change_plan(self, request: web.Request) -> web.StreamResponse:
+        sub = self._subscription_or_404(request)
+        body = self._validate_change(sub, request[_JSON_BODY])
+        return web.json_response(self.preview(sub, body))
+
+    # ------------------------------------------------------------------ change-plan semantics
+
+    def _validate_change(self, sub: dict[str, Any], body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "Expected a JSON object body")
+        for name in ("product_id", "quantity", "proration_billing_mode"):
+            if name not in body:
+                raise FakeDodoError(422, "INVALID_REQUEST_BODY", f"missing field `{name}`")
+        quantity = body["quantity"]
+        if not isinstance(quantity, int) or isinstance(quantity, bool) or quantity < 1:
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "quantity must be at least 1")
+        if body["proration_billing_mode"] not in PRORATION_MODES:
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "unknown proration_billing_mode")
+        if body.get("effective_at", "immediately") not in EFFECTIVE_AT:
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "unknown effective_at")
+        if body.get("on_payment_failure") not in (None, *ON_PAYMENT_FAILURE):
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "unknown on_payment_failure")
+        addons = body.get("addons") or []
+        if not isinstance(addons, list):
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "addons must be a list")
+        for addon in addons:
+            if not isinstance(addon, dict) or not {"addon_id", "quantity"} <= addon.keys():
+                raise FakeDodoError(422, "INVALID_REQUEST_BODY", "addons[] needs addon_id and quantity")
+            if addon["addon_id"] not in self.addon_prices:
+                raise FakeDodoError(422, "ADDON_NOT_FOUND", f"Addon {addon['addon_id']} does not exist")
+        if body["product_id"] not in self.products:
+            raise FakeDodoError(422, "PRODUCT_NOT_FOUND", f"Product {body['product_id']} does not exist")
+        if sub["status"] != "active":
+            raise FakeDodoError(
+                422,
+                "SUBSCRIPTION_NOT_ACTIVE",
+                f"Subscription is {sub['status']}: only active subscriptions change",
+            )
+        if sub.get("scheduled_change") is not None and not body.get("cancel_scheduled_change_plan"):
+            raise FakeDodoError(
+                409,
+                "PLAN_CHANGE_ALREADY_SCHEDULED",
+                "A plan change is already scheduled for this subscription",
+            )
+        return body
+
+    def _recurring_amount(self, product_id: str, quantity: int, addons: list[dict[str, Any]]) -> int:
+        addon_total = sum(self.addon_prices[a["addon_id"]] * int(a["quantity"]) for a in addons)
+        return self.products[product_id] * quantity + addon_total
+
+    def _changed(self, sub: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+        """The subscription as it stands right after this change-plan request (a new dict)."""
+        new = copy.deepcopy(sub)
+        # Dodo replaces the add-ons with the request's: an omitted or null `addons` removes them all.
+        addons = [{"addon_id": a["addon_id"], "quantity": a["quantity"]} for a in body.get("addons") or []]
+        if body.get("effective_at", "immediately") == "next_billing_date":
+            new["scheduled_change"] = {
+                "id": _new_id("spc"),
+                "addons": [
+                    {
+                        "addon_id": a["addon_id"],
+                        "name": self.addon_names.get(a["addon_id"], a["addon_id"]),
+                        "quantity": a["quantity"],
+                    }
+                    for a in addons
+                ],
+                "created_at": _iso(self.now()),
+                "effective_at": sub["next_billing_date"],
+                "product_id": body["product_id"],
+                "quantity": body["quantity"],
+                "product_name": self.product_names.get(body["product_id"]),
+                "product_description": None,
+            }
+            return new
+        new.update(
+            product_id=body["product_id"],
+            quantity=body["quantity"],
+            addons=addons,
+            recurring_pre_tax_amount=self._recurring_amount(body["product_id"], body["quantity"], addons),
+            scheduled_change=None,
+        )
+        return new
+
+    def proration_factor(self, sub: dict[str, Any]) -> float:
+        """Whole days left in the period over the period's length in days, clamped to [0, 1]."""
+        start = _parse_dt(sub["previous_billing_date"])
+        end = _parse_dt(sub["next_billing_date"])
+        period_days = max(1, round((end - start) / timedelta(days=1)))
+        left_days = max(0, math.floor((end - self.now()) / timedelta(days=1)))
+        return min(1.0, left_days / period_days)
+
+    def preview(self, sub: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+        """Price a change without making it.
+
+        next_billing_date and do_not_bill charge nothing now. full_immediately charges the new plan in full.
+        difference_immediately charges new minus old. The prorated modes charge (new - old) x factor. A
+        negative amount is charged as 0 and shows as credits added to the customer's balance (positive
+        customer_credits).
+        """
+        new_plan = self._changed(sub, body)
+        currency = sub["currency"]
+        mode = body["proration_billing_mode"]
+        addons = [{"addon_id": a["addon_id"], "quantity": a["quantity"]} for a in body.get("addons") or []]
+        new_total = self._recurring_amount(body["product_id"], body["quantity"], addons)
+        old_total = sub["recurring_pre_tax_amount"]
+        immediately = body.get("effective_at", "immediately") == "immediately"
+        if not immediately or mode == "do_not_bill":
+            factor, net = 0.0, 0
+        elif mode == "full_immediately":
+            factor, net = 1.0, new_total
+        elif mode == "difference_immediately":
+            factor, net = 1.0, new_total - old_total
+        else:
+            factor = self.proration_factor(sub)
+            net = round((new_total - old_total) * factor)
+        total = max(0, net)
+        line_items: list[dict[str, Any]] = [
+            {
+                "type": "subscription",
+                "id": body["product_id"],
+                "product_id": body["product_id"],
+                "name": self.product_names.get(body["product_id"]),
+                "description": None,
+                "currency": currency,
+                "proration_factor": factor,
+                "quantity": body["quantity"],
+                "unit_price": self.products[body["product_id"]],
+                "tax_inclusive": False,
+                "tax": 0,
+                "tax_rate": 0.0,
+            }
+        ]
+        line_items.extend(
+            {
+                "type": "addon",
+                "id": a["addon_id"],
+                "name": self.addon_names.get(a["addon_id"], a["addon_id"]),
+                "description": None,
+                "currency": currency,
+                "proration_factor": factor,
+                "quantity": a["quantity"],
+                "unit_price": self.addon_prices[a["addon_id"]],
+                "tax_category": "saas",
+                "tax_inclusive": False,
+                "tax": 0,
+                "tax_rate": 0.0,
+            }
+            for a in addons
+        )
+        effective_at = self.now() if immediately else _parse_dt(sub["next_billing_date"])
+        return {
+            "immediate_charge": {
+                "effective_at": _iso(effective_at),
+                "line_items": line_items,
+                "summary": {
+                    "currency": currency,
+                    "total_amount": total,
+                    "tax": 0,
+                    "customer_credits": max(0, -net),
+                    "customer_credits_currency": currency,
+                    "settlement_amount": total,
+                    "settlement_currency": currency,
+                    "settlement_tax": 0,
+                },
+            },
+            "new_plan": new_plan,
+        }
+
+
+def _parse_spec(spec: str, *, times: int) -> _Failure:
+    method: str | None = None
+    pattern = spec.strip()
+    head, _, rest = pattern.partition(" ")
+    if head.upper() in HTTP_METHODS:
+        method, pattern = head.upper(), rest.strip()
+    if times < 1:
+        raise ValueError("times must be at least 1")
+    return _Failure(method=method, pattern=pattern, times=times)
+
+
+@asynccontextmanager
+async def start_fake_dodo(
+    api_key: str = "test_key",
+    *,
+    products: dict[str, int] | None = None,
+    addon_prices: dict[str, int] | None = None,
+) -> AsyncIterator[tuple[FakeDodo, str]]:
+    """Serve a FakeDodo on 127.0.0.1 (a free port) and yield it with its base URL."""
+    fake = FakeDodo(api_key, products=products, addon_prices=addon_prices)
+    # handler_cancellation: a hung handler stops when the client gives up, so shutdown never waits on it.
+    runner = web.AppRunner(fake.app(), handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        fake.base_url = f"http://{host}:{port}"
+        yield fake, fake.base_url
+    finally:
+        await runner.cleanup()
+    if fake.handler_errors:
+        raise AssertionError(f"the fake Dodo API itself failed: {fake.handler_errors!r}")
