@@ -15,6 +15,11 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("migrate", help="apply database migrations (Alembic) up to head")
     commands.add_parser("serve", help="serve gRPC and the webhook HTTP app until SIGTERM")
     commands.add_parser("banner", help="print the addresses and an example call for the current environment")
+    rec = commands.add_parser("reconcile", help="fetch subscriptions from Dodo and apply them like webhooks")
+    which = rec.add_mutually_exclusive_group(required=True)
+    which.add_argument("--subscription", action="append", metavar="ID", help="this subscription (repeatable)")
+    which.add_argument("--stale", action="store_true", help="those whose local state may be out of date")
+    which.add_argument("--all", action="store_true", help="every stored subscription")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = Settings()
@@ -30,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(banner(settings), flush=True)
         return 0
+    if args.command == "reconcile":
+        import uvloop
+
+        from service.reconcile_cli import run_reconcile
+
+        return uvloop.run(run_reconcile(settings, subscriptions=args.subscription, stale=args.stale))
     if args.command == "serve":
         import uvloop
 

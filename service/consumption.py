@@ -7,23 +7,25 @@ the concurrency; the unique (customer, idempotency_key) index is the final word 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from sqlalchemy.exc import IntegrityError
+import asyncpg
 
 from service import access, credits
+from service.cache import EntitlementCache
 from service.catalog import Catalog
 from service.clock import Clock
-from service.domain import FeatureKind
-from service.errors import IdempotencyKeyReused, InsufficientCredits, InvalidArgument, PermissionDenied
+from service.domain import AccessReason, Account, FeatureKind
+from service.errors import DomainError, IdempotencyKeyReused, InsufficientCredits, InvalidArgument, PermissionDenied
 from storage.engine import Database
 from storage.repositories.credits import CreditRepository, StoredEntry
-from storage.repositories.subscriptions import SubscriptionRepository
 
 log = logging.getLogger("entitlements.credits")
 
@@ -50,7 +52,7 @@ class ConsumeResult:
 
     @property
     def overage_after(self) -> Decimal:
-        return max(-self.balance_after, credits.ZERO)
+        return max(credits.MATH.minus(self.balance_after), credits.ZERO)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +61,62 @@ class LedgerPage:
     next_page_token: str
 
 
+@dataclass(eq=False)
+class _Pending:
+    request: ConsumeRequest
+    amount: Decimal
+    fingerprint: str
+    overage_limit: Decimal
+    # Why access is denied (decided from the cached snapshot before queueing); a replay still wins over it.
+    denied: AccessReason | None
+    future: asyncio.Future[ConsumeResult]
+
+    @property
+    def account_key(self) -> tuple[str, str]:
+        return (self.request.customer_id, self.request.credit)
+
+    @property
+    def idempotency(self) -> tuple[str, str]:
+        return (self.request.customer_id, self.request.idempotency_key)
+
+
+@dataclass(frozen=True, slots=True)
+class _Spent:
+    entry: credits.Entry
+    result: ConsumeResult
+
+
+@dataclass(eq=False)
+class _Shard:
+    queue: list[_Pending] = field(default_factory=list)
+    worker: asyncio.Task[None] | None = None
+
+
 class CreditService:
-    def __init__(self, db: Database, catalog: Catalog, clock: Clock) -> None:
+    """ConsumeCredits with group commit: requests that arrive while a transaction is in flight are decided
+    together in the next one. Each request still gets its own answer and its own ledger row; the batch commits as
+    a whole, so atomicity per request holds, and a hot customer is not capped by one commit per consumption.
+
+    Customers map to a fixed shard, so one customer's consumptions are decided in arrival order by one worker,
+    while other customers' batches commit in parallel on other shards.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        catalog: Catalog,
+        clock: Clock,
+        cache: EntitlementCache,
+        *,
+        shards: int = 4,
+        max_batch: int = 256,
+    ) -> None:
         self.db = db
         self.catalog = catalog
         self.clock = clock
+        self.cache = cache
+        self.max_batch = max_batch
+        self._shards = [_Shard() for _ in range(shards)]
 
     def _credit_key(self, credit: str) -> str:
         if not credit:
@@ -79,78 +132,129 @@ class CreditService:
         amount = credits.parse_amount(request.amount)
         if not request.idempotency_key:
             raise InvalidArgument("idempotency_key is required")
-        fingerprint = credits.fingerprint(request.credit, amount, request.description, request.metadata)
+        customer = await self.cache.get(request.customer_id)
+        decision = access.feature_access(customer.subscriptions, self.catalog, request.credit, self.clock())
+        pending = _Pending(
+            request=request,
+            amount=amount,
+            fingerprint=credits.fingerprint(request.credit, amount, request.description, request.metadata),
+            overage_limit=credits.overage_limit(self.catalog.credits[request.credit], customer.subscriptions),
+            denied=None if decision.allowed else decision.reason,
+            future=asyncio.get_running_loop().create_future(),
+        )
+        shard = self._shards[zlib.crc32(request.customer_id.encode()) % len(self._shards)]
+        shard.queue.append(pending)
+        if shard.worker is None:
+            shard.worker = asyncio.create_task(self._drain(shard), name="credits-batch")
+        # Shielded: a caller that goes away must not cancel a batch other callers are waiting on.
+        return await asyncio.shield(pending.future)
+
+    async def _drain(self, shard: _Shard) -> None:
+        try:
+            while shard.queue:
+                batch = shard.queue[: self.max_batch]
+                del shard.queue[: self.max_batch]
+                await self._commit(batch)
+        finally:
+            shard.worker = None
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        outcomes: list[ConsumeResult | DomainError] = []
         for attempt in range(_RETRIES_ON_KEY_RACE):
             try:
-                return await self._consume_once(request, amount, fingerprint)
-            except IntegrityError as error:
-                # The same key raced in on another account of this customer; the retry sees its row and replays.
-                if "uq_credit_ledger_idempotency" not in str(error.orig) or attempt == _RETRIES_ON_KEY_RACE - 1:
-                    raise
-        raise AssertionError("unreachable")
+                async with self.db.tx() as connection:
+                    outcomes = await self._decide(CreditRepository(connection), batch)
+                break
+            except asyncpg.UniqueViolationError as error:
+                # The same key raced in from another replica; the retry reads its row and replays it.
+                if error.constraint_name != "uq_credit_ledger_idempotency" or attempt == _RETRIES_ON_KEY_RACE - 1:
+                    _fail(batch, error)
+                    return
+            except BaseException as error:
+                _fail(batch, error)
+                if isinstance(error, Exception):
+                    return
+                raise
+        for customer_id in {p.request.customer_id for p in batch}:
+            self.cache.invalidate(customer_id)
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(outcome, DomainError):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome)
 
-    async def _consume_once(self, request: ConsumeRequest, amount: Decimal, fingerprint: str) -> ConsumeResult:
-        async with self.db.transaction() as session:
-            repository = CreditRepository(session)
-            replay = await self._replay(repository, request, fingerprint)
-            if replay is not None:
-                return replay
-            now = self.clock()
-            subs = await SubscriptionRepository(session).for_customer(request.customer_id)
-            decision = access.feature_access(subs, self.catalog, request.credit, now)
-            if not decision.allowed:
-                raise PermissionDenied(
-                    f"customer has no access to credit {request.credit!r} ({decision.reason.value.lower()})",
-                    reason=decision.reason.code,
+    async def _decide(self, repository: CreditRepository, batch: list[_Pending]) -> list[ConsumeResult | DomainError]:
+        now = self.clock()
+        wanted = [p for p in batch if p.denied is None]
+        accounts = await repository.lock_many([p.account_key for p in wanted]) if wanted else {}
+        # After the locks: anything committed by a writer we waited for is visible to this read.
+        seen = await repository.by_idempotency_keys(list({p.idempotency for p in batch}))
+        entries: list[credits.Entry] = []
+        touched: dict[tuple[str, str], Account] = {}
+        # Expiry is decided now but written only with a consumption of the same account: a refused request
+        # leaves the account exactly as it was (its effective balance already excludes expired grants).
+        expiries: dict[tuple[str, str], list[credits.Entry]] = {}
+        for key, account in accounts.items():
+            accounts[key], expiries[key] = credits.expire(account, now)
+        outcomes: list[ConsumeResult | DomainError] = []
+        for pending in batch:
+            outcome = self._one(pending, seen, accounts)
+            if isinstance(outcome, _Spent):
+                touched[pending.account_key] = accounts[pending.account_key]
+                entries.extend(expiries.pop(pending.account_key, ()))
+                entries.append(outcome.entry)
+                outcome = outcome.result
+            outcomes.append(outcome)
+        if touched:
+            await repository.save(list(touched.values()), entries)
+        return outcomes
+
+    def _one(
+        self, pending: _Pending, seen: dict[tuple[str, str], credits.Entry], accounts: dict[tuple[str, str], Account]
+    ) -> ConsumeResult | DomainError | _Spent:
+        """One request of a batch, in arrival order; `seen` and `accounts` carry the batch's effects forward."""
+        request = pending.request
+        prior = seen.get(pending.idempotency)
+        if prior is not None:
+            if prior.fingerprint != pending.fingerprint:
+                return IdempotencyKeyReused(
+                    "idempotency_key was already used with different parameters", metadata={"entry_id": prior.entry_id}
                 )
-            account = await repository.lock(request.customer_id, request.credit)
-            # Another writer of this account may have committed the same key while we waited for the lock.
-            replay = await self._replay(repository, request, fingerprint)
-            if replay is not None:
-                return replay
-            account, expired = credits.expire(account, now)
-            limit = credits.overage_limit(self.catalog.credits[request.credit], subs)
-            try:
-                account, balance = credits.consume(account, amount, limit)
-            except credits.Insufficient as short:
-                raise InsufficientCredits(
-                    f"not enough {request.credit}: balance {credits.decimal_text(short.available)}, "
-                    f"overage limit {credits.decimal_text(limit)}, requested {credits.decimal_text(amount)}",
-                    metadata={
-                        "balance": credits.decimal_text(short.available),
-                        "overage_limit": credits.decimal_text(limit),
-                    },
-                ) from None
-            entry = credits.Entry(
-                entry_id=credits.new_entry_id(),
-                customer_id=request.customer_id,
-                credit=request.credit,
-                amount=-amount,
-                balance_after=balance,
-                kind="consumption",
-                source=request.idempotency_key,
-                idempotency_key=request.idempotency_key,
-                fingerprint=fingerprint,
-                description=request.description,
-                metadata=dict(request.metadata),
+            return ConsumeResult(prior.entry_id, prior.balance_after, replayed=True)
+        if pending.denied is not None:
+            return PermissionDenied(
+                f"customer has no access to credit {request.credit!r} ({pending.denied.value.lower()})",
+                reason=pending.denied.code,
             )
-            await repository.save(account, [*expired, entry])
-            await SubscriptionRepository(session).notify_changed(request.customer_id)
-        log.info("credits.consumed", extra={"customer_id": request.customer_id, "credit": request.credit})
-        return ConsumeResult(entry.entry_id, balance, replayed=False)
-
-    async def _replay(
-        self, repository: CreditRepository, request: ConsumeRequest, fingerprint: str
-    ) -> ConsumeResult | None:
-        seen = await repository.by_idempotency_key(request.customer_id, request.idempotency_key)
-        if seen is None:
-            return None
-        if seen.fingerprint != fingerprint:
-            raise IdempotencyKeyReused(
-                "idempotency_key was already used with different parameters",
-                metadata={"entry_id": seen.entry_id},
+        account = accounts[pending.account_key]
+        try:
+            account, balance = credits.consume(account, pending.amount, pending.overage_limit)
+        except credits.Insufficient as short:
+            available = credits.decimal_text(short.available)
+            ceiling = credits.decimal_text(pending.overage_limit)
+            return InsufficientCredits(
+                f"not enough {request.credit}: balance {available}, overage limit {ceiling}, "
+                f"requested {credits.decimal_text(pending.amount)}",
+                metadata={"balance": available, "overage_limit": ceiling},
             )
-        return ConsumeResult(seen.entry_id, seen.balance_after, replayed=True)
+        entry = credits.Entry(
+            entry_id=credits.new_entry_id(),
+            customer_id=request.customer_id,
+            credit=request.credit,
+            amount=credits.MATH.minus(pending.amount),
+            balance_after=balance,
+            kind="consumption",
+            source=request.idempotency_key,
+            idempotency_key=request.idempotency_key,
+            fingerprint=pending.fingerprint,
+            description=request.description,
+            metadata=dict(request.metadata),
+        )
+        accounts[pending.account_key] = account
+        seen[pending.idempotency] = entry
+        return _Spent(entry, ConsumeResult(entry.entry_id, balance, replayed=False))
 
     async def ledger(self, customer_id: str, credit: str, page_size: int, page_token: str) -> LedgerPage:
         if not customer_id:
@@ -160,11 +264,21 @@ class CreditService:
             raise InvalidArgument("page_size must not be negative")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         before = _decode_token(page_token) if page_token else None
-        async with self.db.transaction() as session:
-            rows = await CreditRepository(session).page(customer_id, credit, before_id=before, limit=size + 1)
+        async with self.db.connection() as connection:
+            rows = await CreditRepository(connection).page(customer_id, credit, before_id=before, limit=size + 1)
         more = len(rows) > size
         rows = rows[:size]
         return LedgerPage([row.entry for row in rows], _encode_token(rows[-1]) if more else "")
+
+
+def _fail(batch: list[_Pending], error: BaseException) -> None:
+    for pending in batch:
+        if pending.future.done():
+            continue
+        if isinstance(error, Exception):
+            pending.future.set_exception(error)
+        else:
+            pending.future.cancel()
 
 
 def _encode_token(row: StoredEntry) -> str:
@@ -174,8 +288,9 @@ def _encode_token(row: StoredEntry) -> str:
 def _decode_token(token: str) -> int:
     try:
         version, _, value = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode().partition(":")
-        if version != "v1":
-            raise ValueError(version)
-        return int(value)
+        cursor = int(value)
+        if version != "v1" or not 0 < cursor < 2**63:
+            raise ValueError(token)
+        return cursor
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise InvalidArgument("page_token is not one this service issued") from None

@@ -10,7 +10,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from service import credits
 from service.consumption import ConsumeRequest, ConsumeResult, LedgerPage
+from service.dodo import EffectiveAt, ProrationBillingMode
 from service.domain import AccessReason, FeatureDecision, FeatureKind, SubscriptionView
+from service.errors import InvalidArgument
+from service.plan_changes import PlanChange, PlanChangeResult
 
 _REASONS: dict[AccessReason, pb.AccessReason.ValueType] = {
     AccessReason.ACTIVE: pb.ACCESS_REASON_ACTIVE,
@@ -138,4 +141,46 @@ def ledger_page(page: LedgerPage) -> pb.ListCreditLedgerResponse:
             for entry in page.entries
         ],
         next_page_token=page.next_page_token,
+    )
+
+
+_PRORATION: dict[pb.ProrationMode.ValueType, ProrationBillingMode] = {
+    pb.PRORATION_MODE_UNSPECIFIED: "prorated_immediately",
+    pb.PRORATION_MODE_PRORATED_IMMEDIATELY: "prorated_immediately",
+    pb.PRORATION_MODE_FULL_IMMEDIATELY: "full_immediately",
+    pb.PRORATION_MODE_DIFFERENCE_IMMEDIATELY: "difference_immediately",
+    pb.PRORATION_MODE_DO_NOT_BILL: "do_not_bill",
+}
+
+_EFFECTIVE: dict[pb.EffectiveAt.ValueType, EffectiveAt] = {
+    pb.EFFECTIVE_AT_UNSPECIFIED: "immediately",
+    pb.EFFECTIVE_AT_IMMEDIATELY: "immediately",
+    pb.EFFECTIVE_AT_NEXT_BILLING_DATE: "next_billing_date",
+}
+
+
+def plan_change(request: pb.ChangePlanRequest) -> PlanChange:
+    proration = _PRORATION.get(request.proration_mode)
+    effective_at = _EFFECTIVE.get(request.effective_at)
+    if proration is None:
+        raise InvalidArgument(f"unknown proration_mode {request.proration_mode}")
+    if effective_at is None:
+        raise InvalidArgument(f"unknown effective_at {request.effective_at}")
+    return PlanChange(
+        subscription_id=request.subscription_id,
+        product_id=request.product_id,
+        quantity=request.quantity,
+        proration=proration,
+        effective_at=effective_at,
+        idempotency_key=request.idempotency_key,
+        preview=request.preview,
+    )
+
+
+def plan_change_response(result: PlanChangeResult) -> pb.ChangePlanResponse:
+    return pb.ChangePlanResponse(
+        subscription=subscription(result.subscription),
+        immediate_charge=result.immediate_charge,
+        currency=result.currency,
+        replayed=result.replayed,
     )

@@ -11,29 +11,45 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from service import access, credits
 from service.catalog import Catalog
 from service.domain import AccessReason, SubscriptionState
 from service.errors import MalformedPayload
 from service.payloads import parse_decimal, parse_time
+from storage.engine import Connection
 from storage.repositories.credits import CreditRepository
-from storage.repositories.subscriptions import SubscriptionRepository
 
 log = logging.getLogger("entitlements.credits")
 
 
-async def grant_for_period(
-    session: AsyncSession, catalog: Catalog, sub: SubscriptionState, at: datetime
-) -> list[credits.Entry]:
-    """Grant the plan's credits for the subscription's current period, once, if it grants access at `at`."""
+def _grants_due(sub: SubscriptionState | None, catalog: Catalog, at: datetime) -> list[credits.PlanGrant]:
+    if sub is None:
+        return []
     decision = access.decide(sub, catalog, at)
     if not decision.allowed:
         return []
-    repository = CreditRepository(session)
+    return credits.plan_grants(sub, catalog, trialing=decision.reason is AccessReason.TRIALING)
+
+
+async def grant_for_period(
+    connection: Connection,
+    catalog: Catalog,
+    previous: SubscriptionState | None,
+    sub: SubscriptionState,
+    at: datetime,
+) -> list[credits.Entry]:
+    """Grant the plan's credits for the subscription's current period, once, if it grants access at `at`.
+
+    Each (subscription, credit, period) is claimed in the database, so a grant happens once however often the
+    period's events are delivered; when the previous snapshot already called for the same grants, they were
+    claimed when it was applied, and the claim round trips are skipped.
+    """
+    due = _grants_due(sub, catalog, at)
+    if not due or due == _grants_due(previous, catalog, at):
+        return []
+    repository = CreditRepository(connection)
     written: list[credits.Entry] = []
-    for grant in credits.plan_grants(sub, catalog, trialing=decision.reason is AccessReason.TRIALING):
+    for grant in due:
         claimed = await repository.claim_period_grant(
             subscription_id=sub.subscription_id,
             credit=grant.credit,
@@ -49,15 +65,14 @@ async def grant_for_period(
         account, entry = credits.credit(
             account, grant.amount, grant_id=source, expires_at=grant.expires_at, source=source, kind="plan_grant"
         )
-        await repository.save(account, [*expired, entry])
+        await repository.save([account], [*expired, entry])
         written.append(entry)
     if written:
-        await SubscriptionRepository(session).notify_changed(sub.customer_id)
         log.info("credits.granted", extra={"subscription_id": sub.subscription_id, "entries": len(written)})
     return written
 
 
-async def apply_dodo_ledger_entry(session: AsyncSession, catalog: Catalog, data: dict[str, Any]) -> str:
+async def apply_dodo_ledger_entry(connection: Connection, catalog: Catalog, data: dict[str, Any]) -> str:
     """Mirror one Dodo credit ledger entry as a signed delta, exactly once per entry id. Returns the inbox status."""
     entry_id = data.get("id")
     customer_id = data.get("customer_id")
@@ -76,7 +91,7 @@ async def apply_dodo_ledger_entry(session: AsyncSession, catalog: Catalog, data:
     definition = catalog.credit_for_entitlement(entitlement)
     if definition is None:
         return "recorded"
-    repository = CreditRepository(session)
+    repository = CreditRepository(connection)
     # The account lock serializes deliveries of one credit, so the seen-check below cannot race.
     account = await repository.lock(customer_id, definition.key)
     if await repository.has_dodo_entry(entry_id):
@@ -92,8 +107,7 @@ async def apply_dodo_ledger_entry(session: AsyncSession, catalog: Catalog, data:
         account, entry = credits.debit(account, amount, source=entry_id, kind=kind)
     description = data.get("description")
     entry = replace(entry, dodo_entry_id=entry_id, description=description if isinstance(description, str) else "")
-    await repository.save(account, [*expired, entry])
-    await SubscriptionRepository(session).notify_changed(customer_id)
+    await repository.save([account], [*expired, entry])
     return "applied"
 
 

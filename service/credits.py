@@ -17,14 +17,15 @@ from datetime import datetime
 from decimal import Context, Decimal
 
 from service.catalog import Catalog, CreditDef
-from service.domain import SubscriptionState
+from service.domain import Account, Grant, SubscriptionState
 from service.errors import InvalidArgument
 
 # Amounts have up to 20 integer and 18 fractional digits; sums of many stay exact with this much precision
 # (the default context's 28 digits would round silently).
 MATH = Context(prec=100)
 ZERO = Decimal(0)
-_AMOUNT = re.compile(r"^(\d{1,20})(?:\.(\d{1,18}))?$")
+# ASCII digits only: \d would also match other scripts' digits, which Decimal() silently reads.
+_AMOUNT = re.compile(r"^([0-9]{1,20})(?:\.([0-9]{1,18}))?$")
 
 
 def parse_amount(text: str) -> Decimal:
@@ -47,22 +48,6 @@ def decimal_text(value: Decimal) -> str:
 
 def new_entry_id() -> str:
     return f"cle_{uuid.uuid4().hex}"
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    grant_id: str
-    remaining: Decimal
-    expires_at: datetime | None
-    source: str
-
-
-@dataclass(frozen=True, slots=True)
-class Account:
-    customer_id: str
-    credit: str
-    balance: Decimal = ZERO
-    grants: tuple[Grant, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +77,11 @@ class Insufficient(Exception):
 
 def effective_balance(account: Account, now: datetime) -> Decimal:
     """The balance as of `now`: grants past their expiry no longer count, even before expiry is written down."""
-    expired = MATH.add(ZERO, sum((g.remaining for g in account.grants if _expired(g, now)), ZERO))
-    return MATH.subtract(account.balance, expired)
+    balance = account.balance
+    for grant in account.grants:
+        if _expired(grant, now):
+            balance = MATH.subtract(balance, grant.remaining)
+    return balance
 
 
 def _expired(grant: Grant, now: datetime) -> bool:
@@ -133,7 +121,7 @@ def expire(account: Account, now: datetime) -> tuple[Account, list[Entry]]:
                 entry_id=new_entry_id(),
                 customer_id=account.customer_id,
                 credit=account.credit,
-                amount=-grant.remaining,
+                amount=MATH.minus(grant.remaining),
                 balance_after=balance,
                 kind="grant_expiry",
                 source=grant.source,
@@ -158,14 +146,14 @@ def credit(
 def debit(account: Account, amount: Decimal, *, source: str, kind: str) -> tuple[Account, Entry]:
     """Remove credits unconditionally (a Dodo ledger deduction); the balance may go below zero."""
     balance = MATH.subtract(account.balance, amount)
-    entry = Entry(new_entry_id(), account.customer_id, account.credit, -amount, balance, kind, source)
+    entry = Entry(new_entry_id(), account.customer_id, account.credit, MATH.minus(amount), balance, kind, source)
     return replace(account, balance=balance, grants=burn(account.grants, amount)), entry
 
 
 def consume(account: Account, amount: Decimal, overage_limit: Decimal) -> tuple[Account, Decimal]:
     """Spend `amount` if the balance plus overage headroom covers it; else Insufficient (nothing changes)."""
     balance = MATH.subtract(account.balance, amount)
-    if balance < -overage_limit:
+    if balance < MATH.minus(overage_limit):
         raise Insufficient(account.balance)
     return replace(account, balance=balance, grants=burn(account.grants, amount)), balance
 
@@ -175,7 +163,7 @@ def fingerprint(credit_key: str, amount: Decimal, description: str, metadata: Ma
     canonical = json.dumps(
         {
             "credit": credit_key,
-            "amount": format(amount.normalize(), "f"),
+            "amount": format(amount.normalize(MATH), "f"),
             "description": description,
             "metadata": dict(sorted(metadata.items())),
         },

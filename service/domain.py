@@ -101,6 +101,35 @@ class SubscriptionState:
 
 
 @dataclass(frozen=True, slots=True)
+class Grant:
+    """A part of a credit balance with its own expiry: burned soonest-expiring first."""
+
+    grant_id: str
+    remaining: Decimal
+    expires_at: datetime | None
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """One credit of one customer: the balance (the sum of its ledger) and the grants that make it up."""
+
+    customer_id: str
+    credit: str
+    balance: Decimal = Decimal(0)
+    grants: tuple[Grant, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerEntitlements:
+    """Everything a decision about one customer reads: what CheckAccess caches per customer."""
+
+    customer_id: str
+    subscriptions: tuple[SubscriptionState, ...] = ()
+    accounts: dict[str, Account] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class AccessDecision:
     """The decision for one subscription as a whole."""
 

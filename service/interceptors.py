@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, cast
 
 import grpc
@@ -41,6 +41,19 @@ def _same_kind(
     return grpc.stream_stream_rpc_method_handler(behaviour, **kwargs)
 
 
+_UNAUTHENTICATED = "missing or invalid bearer token"
+
+
+async def _deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+
+
+async def _deny_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+    # A streaming handler must be an async generator, or grpc.aio races its abort against the first write.
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+    yield  # type: ignore[unreachable]  # abort raises; the yield only makes this a generator
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Accepts `authorization: Bearer <token>` for one of ENTITLEMENTS_API_TOKENS; health checks stay open."""
 
@@ -56,10 +69,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if self._authorized(handler_call_details.invocation_metadata or ()):
             return handler
 
-        async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-
-        return _same_kind(handler, deny)
+        if handler.unary_stream is not None or handler.stream_stream is not None:
+            return _same_kind(handler, _deny_stream)
+        return _same_kind(handler, _deny)
 
     def _authorized(self, metadata: Any) -> bool:
         for key, value in metadata:

@@ -14,11 +14,16 @@ from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.cache import EntitlementCache
 from service.catalog import Catalog, load_catalog
 from service.clock import Clock, utc_now
 from service.consumption import CreditService
+from service.dodo import DodoGateway
 from service.entitlements import EntitlementReader
 from service.interceptors import AuthInterceptor, ErrorInterceptor
+from service.plan_changes import PlanChanger
+from service.reconcile import RateLimiter, reconcile_forever
+from service.reconcile_cli import stale_policy
 from service.servicer import EntitlementServicer
 from service.settings import Settings
 from storage.engine import Database
@@ -42,17 +47,25 @@ class Running:
     http_runner: web.AppRunner
     http_port: int
     db: Database
+    cache: EntitlementCache
+    dodo: DodoGateway
     health: health.aio.HealthServicer
     lifecycle: Lifecycle
     catalog: Catalog
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float) -> None:
         """Health NOT_SERVING first, then let in-flight calls drain for up to `grace` seconds."""
         self.lifecycle.draining = True
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace)
         await self.http_runner.cleanup()
+        await self.cache.stop()
+        await self.dodo.close()
         await self.db.close()
         self.stopped.set()
 
@@ -63,18 +76,25 @@ async def start(
     clock: Clock = utc_now,
     catalog: Catalog | None = None,
     db: Database | None = None,
+    dodo: DodoGateway | None = None,
 ) -> Running:
     catalog = catalog or load_catalog(settings.catalog_path)
     verifier = SignatureVerifier(settings.webhook_keys)
     db = db or Database.from_url(settings.require_database(), pool_size=settings.db_pool_size)
-    reader = EntitlementReader(db, catalog, clock)
+    cache = EntitlementCache(db, max_customers=settings.cache_max_customers)
+    await cache.start()
+    reader = EntitlementReader(db, catalog, clock, cache)
 
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(settings.api_tokens), ErrorInterceptor()],
         options=[("grpc.so_reuseport", 0)],
     )
-    credit_service = CreditService(db, catalog, clock)
-    pb_grpc.add_EntitlementServiceServicer_to_server(EntitlementServicer(reader, credit_service), server)
+    credit_service = CreditService(db, catalog, clock, cache)
+    dodo = dodo or DodoGateway(
+        settings.dodo_payments_api_key, settings.dodo_payments_base_url, settings.dodo_timeout_seconds
+    )
+    plans = PlanChanger(db, catalog, clock, dodo, reader)
+    pb_grpc.add_EntitlementServiceServicer_to_server(EntitlementServicer(reader, credit_service, plans), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -89,14 +109,29 @@ async def start(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     lifecycle = Lifecycle()
-    runner = web.AppRunner(create_app(db=db, catalog=catalog, verifier=verifier, lifecycle=lifecycle), access_log=None)
+    runner = web.AppRunner(
+        create_app(db=db, catalog=catalog, verifier=verifier, lifecycle=lifecycle, on_change=cache.invalidate),
+        access_log=None,
+    )
     await runner.setup()
     host, port = split_addr(settings.http_addr)
     site = web.TCPSite(runner, host, port)
     await site.start()
     http_port = runner.addresses[0][1]
     log.info("server.started", extra={"grpc_port": grpc_port, "http_port": http_port})
-    return Running(server, grpc_port, runner, http_port, db, health_servicer, lifecycle, catalog)
+    running = Running(server, grpc_port, runner, http_port, db, cache, dodo, health_servicer, lifecycle, catalog)
+    if settings.reconcile_interval_seconds > 0:
+        loop = reconcile_forever(
+            interval=settings.reconcile_interval_seconds,
+            db=db,
+            dodo=dodo,
+            catalog=catalog,
+            clock=clock,
+            limiter=RateLimiter(settings.reconcile_rate_per_minute),
+            policy=stale_policy(settings),
+        )
+        running.background.append(asyncio.create_task(loop, name="reconcile"))
+    return running
 
 
 async def serve(settings: Settings) -> None:

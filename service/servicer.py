@@ -11,20 +11,16 @@ from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 from service import convert
 from service.consumption import CreditService
 from service.entitlements import EntitlementReader
-from service.errors import DomainError
+from service.plan_changes import PlanChanger
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-class Unimplemented(DomainError):
-    grpc_code = grpc.StatusCode.UNIMPLEMENTED
-    http_status = 501
-
-
 class EntitlementServicer(pb_grpc.EntitlementServiceServicer):
-    def __init__(self, reader: EntitlementReader, credits: CreditService) -> None:
+    def __init__(self, reader: EntitlementReader, credits: CreditService, plans: PlanChanger) -> None:
         self.reader = reader
         self.credits = credits
+        self.plans = plans
 
     async def CheckAccess(self, request: pb.CheckAccessRequest, context: Context) -> pb.CheckAccessResponse:
         decision = await self.reader.check_access(request.customer_id, request.feature)
@@ -37,7 +33,8 @@ class EntitlementServicer(pb_grpc.EntitlementServiceServicer):
         return pb.GetSubscriptionResponse(subscription=convert.subscription(view))
 
     async def ChangePlan(self, request: pb.ChangePlanRequest, context: Context) -> pb.ChangePlanResponse:
-        raise Unimplemented("ChangePlan is not available yet")
+        result = await self.plans.change(convert.plan_change(request))
+        return convert.plan_change_response(result)
 
     async def ConsumeCredits(self, request: pb.ConsumeCreditsRequest, context: Context) -> pb.ConsumeCreditsResponse:
         result = await self.credits.consume(convert.consume_request(request))

@@ -10,12 +10,11 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from service.catalog import Catalog
 from service.credit_grants import grant_for_period
 from service.domain import SubscriptionState
 from service.payloads import parse_subscription
+from storage.engine import Connection
 from storage.repositories.subscriptions import SubscriptionRepository
 
 
@@ -27,11 +26,18 @@ class SnapshotOutcome:
 
 
 def merge(
-    current: SubscriptionState | None, incoming: SubscriptionState, event_at: datetime
+    current: SubscriptionState | None, incoming: SubscriptionState, event_at: datetime, *, fetched: bool = False
 ) -> SubscriptionState | None:
-    """The state to store, or None when the incoming snapshot is older than what is applied."""
-    if current is not None and current.last_event_at is not None and event_at < current.last_event_at:
-        return None
+    """The state to store, or None when the incoming snapshot is older than what is applied.
+
+    A snapshot `fetched` from Dodo's API at `event_at` is its current state: it always applies, and never moves
+    the ordering mark backwards (an event stamped after it but delivered later is still newer).
+    """
+    last = current.last_event_at if current is not None else None
+    if last is not None and event_at < last:
+        if not fetched:
+            return None
+        event_at = last
     return replace(incoming, on_hold_since=_hold_since(current, incoming.status, event_at), last_event_at=event_at)
 
 
@@ -47,7 +53,7 @@ def _hold_since(current: SubscriptionState | None, status: str, event_at: dateti
 
 
 async def apply_snapshot(
-    session: AsyncSession,
+    connection: Connection,
     catalog: Catalog,
     data: dict[str, Any],
     event_at: datetime,
@@ -57,15 +63,17 @@ async def apply_snapshot(
     """Parse, merge under a per-subscription lock, store, and grant the period's plan credits; the caller's
     transaction commits it all."""
     incoming = parse_subscription(data)
-    repository = SubscriptionRepository(session)
+    repository = SubscriptionRepository(connection)
     current = await repository.lock(incoming.subscription_id)
-    merged = merge(current, incoming, event_at)
+    merged = merge(current, incoming, event_at, fetched=refreshed_at is not None)
     if merged is None:
         assert current is not None
         return SnapshotOutcome(False, current, current)
-    await repository.save(merged, data, refreshed_at=refreshed_at)
-    await repository.notify_changed(merged.customer_id)
-    if current is not None and current.customer_id != merged.customer_id:
-        await repository.notify_changed(current.customer_id)
-    await grant_for_period(session, catalog, merged, event_at)
+    await repository.save(
+        merged,
+        data,
+        refreshed_at=refreshed_at,
+        previous_customer_id=current.customer_id if current is not None else None,
+    )
+    await grant_for_period(connection, catalog, current, merged, event_at)
     return SnapshotOutcome(True, current, merged)

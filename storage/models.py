@@ -157,3 +157,21 @@ class CreditPeriodGrant(Base):
     customer_id: Mapped[str] = mapped_column(Text)
     amount: Mapped[Decimal] = mapped_column(Numeric)
     granted_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class PlanChangeRequest(Base):
+    """One ChangePlan idempotency key: made durable before Dodo is called, so a retry after a lost answer
+    checks Dodo's state instead of sending the change a second time."""
+
+    __tablename__ = "plan_change_requests"
+
+    idempotency_key: Mapped[str] = mapped_column(Text, primary_key=True)
+    subscription_id: Mapped[str] = mapped_column(Text, index=True)
+    fingerprint: Mapped[str] = mapped_column(Text)
+    # sending (an attempt is under way or died) | unknown (Dodo's answer was lost) | completed
+    status: Mapped[str] = mapped_column(Text)
+    lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())

@@ -18,11 +18,13 @@ import pytest
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 
 from service.catalog import Catalog, load_catalog
+from service.dodo import DodoGateway
 from service.server import Running, start
 from service.settings import Settings
 from storage.engine import Database, plain_url
 from storage.migrate import upgrade
 from storage.models import Base
+from tests.fakedodo import FakeDodo, start_fake_dodo
 from tests.support import API_TOKEN, WEBHOOK_SECRET, FakeClock, WebhookPoster
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -119,9 +121,23 @@ def make_settings(database_url: str, **overrides: str) -> Settings:
     return Settings.model_validate(env)
 
 
+DODO_API_KEY = "test_dodo_key"
+
+
 @pytest.fixture
-async def service(database_url: str, db: Database, clock: FakeClock, catalog: Catalog) -> AsyncIterator[Running]:
-    running = await start(make_settings(database_url), clock=clock, catalog=catalog, db=db)
+async def fake_dodo() -> AsyncIterator[FakeDodo]:
+    """A fake Dodo API on a real port, spoken to through the real dodopayments SDK."""
+    async with start_fake_dodo(api_key=DODO_API_KEY) as (fake, _base_url):
+        yield fake
+
+
+@pytest.fixture
+async def service(
+    database_url: str, db: Database, clock: FakeClock, catalog: Catalog, fake_dodo: FakeDodo
+) -> AsyncIterator[Running]:
+    # SDK read retries off: tests inject Dodo failures and want one request per call, quickly.
+    dodo = DodoGateway(DODO_API_KEY, fake_dodo.base_url, timeout=1.0, read_max_retries=0)
+    running = await start(make_settings(database_url), clock=clock, catalog=catalog, db=db, dodo=dodo)
     yield running
     if not running.stopped.is_set():
         await running.stop(0)

@@ -7,11 +7,18 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Context, Decimal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from sqlalchemy import func, select, text
 from standardwebhooks.webhooks import Webhook
+
+from storage.engine import Database
+from storage.models import Base, Customer, Subscription, WebhookInbox
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "dodo"
 LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "dodo"
@@ -106,3 +113,129 @@ class WebhookPoster:
     ) -> tuple[int, dict[str, Any]]:
         body = json.dumps(event).encode()
         return await self.post_raw(body, sign(body, secret=secret, webhook_id=webhook_id))
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NODE_DIR = REPO_ROOT / "clients" / "node"
+
+
+def ensure_node_modules() -> Path:
+    """clients/node/node_modules as `make test` leaves it: installed from the lockfile with `npm ci` when missing."""
+    import shutil
+    import subprocess
+
+    installed = NODE_DIR / "node_modules"
+    wanted = (installed / "@grpc" / "grpc-js", installed / "@grpc" / "proto-loader", installed / ".bin" / "buf")
+    if not all(path.exists() for path in wanted):
+        npm = shutil.which("npm")
+        if npm is None:
+            raise RuntimeError("npm is not installed: run `make install` (it installs Node.js and npm)")
+        subprocess.run([npm, "ci", "--silent", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300)
+    return installed
+
+
+async def deliver(webhooks: WebhookPoster, *events: dict[str, Any]) -> None:
+    """Post signed events in order; each must be applied (not stale, not a duplicate) before the next is sent."""
+    for event in events:
+        status, body = await webhooks.send(event)
+        assert (status, body) == (200, {"status": "applied"}), (event["type"], event["timestamp"], status, body)
+
+
+async def count_rows(db: Database, model: type[Base]) -> int:
+    """How many rows a table holds, read straight from Postgres (for "nothing stored" assertions)."""
+    async with db.session() as session:
+        return int(await session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+NOTHING_STORED = {"webhook_inbox": 0, "subscriptions": 0, "customers": 0}
+
+
+async def stored_counts(db: Database) -> dict[str, int]:
+    """Rows in the tables a delivery writes; a rejected delivery must leave `NOTHING_STORED`."""
+    return {model.__tablename__: await count_rows(db, model) for model in (WebhookInbox, Subscription, Customer)}
+
+
+async def inbox_statuses(db: Database) -> dict[str, str]:
+    """webhook-id → inbox status for every stored delivery."""
+    async with db.session() as session:
+        rows = await session.execute(select(WebhookInbox.webhook_id, WebhookInbox.status))
+        return dict(rows.all())
+
+
+API_CALLS_ENTITLEMENT = "cent_7Dk2Mq8Wx5Lp3Zr9Tv1Nb"
+STATUS_DETAILS_TRAILER = "grpc-status-details-bin"
+
+
+def error_info(error: grpc.aio.AioRpcError) -> Any:
+    """The google.rpc.ErrorInfo a failed call carries, decoded from its `grpc-status-details-bin` trailer."""
+    for key, value in error.trailing_metadata() or ():
+        if key != STATUS_DETAILS_TRAILER or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status.FromString(value)
+        assert status.code == error.code().value[0], (status.code, error.code())
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                return info
+    raise AssertionError(f"{error.code().name} carries no ErrorInfo: {error.details()!r}")
+
+
+def credit_ledger_event(
+    event_type: str = "credit.added",
+    *,
+    entry_id: str,
+    amount: str | int | float,
+    is_credit: bool = True,
+    customer_id: str = CUSTOMER_ID,
+    entitlement: str = API_CALLS_ENTITLEMENT,
+    at: datetime | None = None,
+) -> dict[str, Any]:
+    """A Dodo credit ledger webhook shaped like the `credit_added` fixture: one signed delta under its own entry id."""
+    body = copy.deepcopy(load_event("credit_added"))
+    body["type"] = event_type
+    body["data"].update(
+        id=entry_id,
+        customer_id=customer_id,
+        credit_entitlement_id=entitlement,
+        transaction_type=event_type.replace(".", "_"),
+        is_credit=is_credit,
+        amount=amount,
+    )
+    if at is not None:
+        body["timestamp"] = body["data"]["created_at"] = iso(at)
+    return body
+
+
+@dataclass(frozen=True)
+class StoredAccount:
+    """One credit account as Postgres holds it: the balance row, its grants and its ledger."""
+
+    balance: Decimal
+    grants_remaining: Decimal
+    ledger_sum: Decimal
+    ledger_rows: int
+
+
+async def stored_account(db: Database, customer_id: str, credit: str) -> StoredAccount:
+    async with db.transaction() as session:
+        row = (
+            await session.execute(
+                text("SELECT balance, grants FROM credit_balances WHERE customer_id = :c AND credit = :k"),
+                {"c": customer_id, "k": credit},
+            )
+        ).first()
+        total, rows = (
+            await session.execute(
+                text(
+                    "SELECT coalesce(sum(amount), 0), count(*) FROM credit_ledger"
+                    " WHERE customer_id = :c AND credit = :k"
+                ),
+                {"c": customer_id, "k": credit},
+            )
+        ).one()
+    balance, grants = (Decimal(0), []) if row is None else (row.balance, row.grants)
+    exact = Context(prec=100)  # amounts reach 38 digits: the default 28-digit context would round the sum
+    remaining = Decimal(0)
+    for grant in grants:
+        remaining = exact.add(remaining, Decimal(grant["remaining"]))
+    return StoredAccount(balance, remaining, Decimal(total), int(rows))

@@ -374,12 +374,6 @@ def test_credit_feature_with_zero_balance_is_credits_exhausted() -> None:
     assert d.kind is FeatureKind.CREDIT
 
 
-def test_credit_feature_with_zero_balance_is_credits_exhausted() -> None:
-    d = feature_access([sub("active")], CATALOG, "ai_tokens", NOW, balance=Decimal(0))
-    assert not d.allowed
-    assert d.reason is AccessReason.CREDITS_EXHAUSTED
-
-
 def test_credit_feature_without_a_balance_is_decided_by_subscriptions_alone() -> None:
     d = feature_access([sub("active")], CATALOG, "ai_tokens", NOW)
     assert d.allowed

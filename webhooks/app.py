@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
-from sqlalchemy import text
 
 from service.catalog import Catalog
 from service.errors import DomainError
@@ -34,6 +33,7 @@ class Lifecycle:
 DB = web.AppKey("db", Database)
 VERIFIER = web.AppKey("verifier", SignatureVerifier)
 CATALOG = web.AppKey("catalog", Catalog)
+ON_CHANGE: web.AppKey[Callable[[str], None]] = web.AppKey("on_change")
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -77,7 +77,7 @@ async def receive_dodo(request: web.Request) -> web.Response:
     except DomainError as exc:
         log.warning("webhook.malformed", extra={"why": exc.message, "webhook_id": headers["webhook-id"]})
         return _error(400, exc.message)
-    outcome = await ingest(request.app[DB], request.app[CATALOG], event)
+    outcome = await ingest(request.app[DB], request.app[CATALOG], event, request.app[ON_CHANGE])
     return web.json_response({"status": outcome.value})
 
 
@@ -89,8 +89,8 @@ async def readyz(request: web.Request) -> web.Response:
     if request.app[LIFECYCLE].draining:
         return _error(503, "shutting down")
     try:
-        async with asyncio.timeout(READY_TIMEOUT_SECONDS), request.app[DB].engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
+        async with asyncio.timeout(READY_TIMEOUT_SECONDS), request.app[DB].connection() as connection:
+            await connection.execute("SELECT 1")
     except Exception as exc:
         if is_database_unavailable(exc):
             return _error(503, "storage unavailable")
@@ -98,13 +98,23 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
+def _nothing(customer_id: str) -> None:
+    return None
+
+
 def create_app(
-    *, db: Database, catalog: Catalog, verifier: SignatureVerifier, lifecycle: Lifecycle | None = None
+    *,
+    db: Database,
+    catalog: Catalog,
+    verifier: SignatureVerifier,
+    lifecycle: Lifecycle | None = None,
+    on_change: Callable[[str], None] = _nothing,
 ) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_middleware])
     app[DB] = db
     app[VERIFIER] = verifier
     app[CATALOG] = catalog
+    app[ON_CHANGE] = on_change
     app[LIFECYCLE] = lifecycle or Lifecycle()
     app.router.add_post("/webhooks/dodo", receive_dodo)
     app.router.add_get("/healthz", healthz)

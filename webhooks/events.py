@@ -56,7 +56,8 @@ class Event:
 
 def parse_event(body: bytes, webhook_id: str, header_timestamp: str) -> Event:
     try:
-        envelope = json.loads(body)
+        # NaN and Infinity are not JSON (RFC 8259) and Postgres cannot store them: a 400, not a failed insert.
+        envelope = json.loads(body, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError):
         raise MalformedPayload("body is not JSON") from None
     if not isinstance(envelope, dict):
@@ -70,7 +71,8 @@ def parse_event(body: bytes, webhook_id: str, header_timestamp: str) -> Event:
     raw_time = envelope.get("timestamp")
     if raw_time is None:
         # The envelope time orders events; the signed header time is the closest stand-in when it is absent.
-        timestamp = datetime.fromtimestamp(int(header_timestamp), tz=UTC)
+        # Parsed as the verifier parsed it: the header may carry a fraction ("1790000000.0") and still verify.
+        timestamp = datetime.fromtimestamp(float(header_timestamp), tz=UTC)
     else:
         timestamp = parse_time(raw_time, "timestamp")
     business_id = envelope.get("business_id")
@@ -82,3 +84,7 @@ def parse_event(body: bytes, webhook_id: str, header_timestamp: str) -> Event:
         data=data,
         body=envelope,
     )
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import enum
 import logging
-
-from sqlalchemy.ext.asyncio import AsyncSession
+from collections.abc import Callable
+from typing import Any
 
 from service.catalog import Catalog
 from service.credit_grants import apply_dodo_ledger_entry
 from service.snapshots import apply_snapshot
-from storage.engine import Database
+from storage.engine import Connection, Database
 from storage.repositories.inbox import InboxRepository
 from webhooks.events import CREDIT_LEDGER_EVENTS, SUBSCRIPTION_EVENTS, Event
 
@@ -27,36 +27,64 @@ class Outcome(enum.StrEnum):
     DUPLICATE_ENTRY = "duplicate_entry"
 
 
-async def ingest(db: Database, catalog: Catalog, event: Event) -> Outcome:
-    async with db.transaction() as session:
-        inbox = InboxRepository(session)
-        row_id = await inbox.claim(
-            webhook_id=event.webhook_id,
-            event_type=event.type,
-            event_timestamp=event.timestamp,
-            business_id=event.business_id,
-            payload=event.body,
-        )
-        if row_id is None:
-            return Outcome.DUPLICATE
-        outcome, subject = await _handle(session, catalog, event)
-        await inbox.finish(row_id, status=outcome.value, subject_id=subject)
+class _AlreadyStored(Exception):
+    """Raised inside the transaction to roll back the work of a delivery whose webhook-id is already stored."""
+
+
+async def ingest(
+    db: Database, catalog: Catalog, event: Event, on_change: Callable[[str], None] | None = None
+) -> Outcome:
+    """Store and apply one delivery; `on_change(customer_id)` runs after the commit for each customer whose
+    entitlements it changed (other replicas learn it from the notice the commit sends)."""
+    try:
+        async with db.tx() as connection:
+            outcome, subject, customers = await _handle(connection, catalog, event)
+            # Last, so the row goes in with its outcome in the same round trip; a twin delivery running
+            # concurrently waits here on the unique index and then rolls its (identical) work back.
+            stored = await InboxRepository(connection).record(
+                webhook_id=event.webhook_id,
+                event_type=event.type,
+                event_timestamp=event.timestamp,
+                business_id=event.business_id,
+                payload=event.body,
+                status=outcome.value,
+                subject_id=subject,
+            )
+            if not stored:
+                raise _AlreadyStored
+    except _AlreadyStored:
+        outcome, customers = Outcome.DUPLICATE, ()
+    if on_change is not None:
+        for customer_id in customers:
+            on_change(customer_id)
     log.info("webhook.%s", outcome.value, extra={"webhook_id": event.webhook_id, "type": event.type})
     return outcome
 
 
-async def _handle(session: AsyncSession, catalog: Catalog, event: Event) -> tuple[Outcome, str | None]:
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+async def _handle(
+    connection: Connection, catalog: Catalog, event: Event
+) -> tuple[Outcome, str | None, tuple[str, ...]]:
+    """(outcome, the inbox row's subject, the customers whose entitlements changed)."""
     family = event.type.split(".", 1)[0]
     if event.type in SUBSCRIPTION_EVENTS:
-        result = await apply_snapshot(session, catalog, event.data, event.timestamp)
-        return (Outcome.APPLIED if result.applied else Outcome.STALE), result.current.subscription_id
-    if family == "payment":
-        subject = event.data.get("payment_id")
-        return Outcome.RECORDED, subject if isinstance(subject, str) else None
+        result = await apply_snapshot(connection, catalog, event.data, event.timestamp)
+        if not result.applied:
+            return Outcome.STALE, result.current.subscription_id, ()
+        customers = {result.current.customer_id}
+        if result.previous is not None:
+            customers.add(result.previous.customer_id)
+        return Outcome.APPLIED, result.current.subscription_id, tuple(customers)
     if event.type in CREDIT_LEDGER_EVENTS:
-        status = await apply_dodo_ledger_entry(session, catalog, event.data)
-        return Outcome(status), event.data.get("id")
+        outcome = Outcome(await apply_dodo_ledger_entry(connection, catalog, event.data))
+        customer = _text(event.data.get("customer_id"))
+        changed = (customer,) if outcome is Outcome.APPLIED and customer else ()
+        return outcome, _text(event.data.get("id")), changed
+    if family == "payment":
+        return Outcome.RECORDED, _text(event.data.get("payment_id")), ()
     if family == "credit":
-        subject = event.data.get("credit_entitlement_id")
-        return Outcome.RECORDED, subject if isinstance(subject, str) else None
-    return Outcome.IGNORED, None
+        return Outcome.RECORDED, _text(event.data.get("credit_entitlement_id")), ()
+    return Outcome.IGNORED, None, ()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Mapping, Sequence
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -16,6 +18,8 @@ class SignatureVerifier:
         if not secrets:
             raise ValueError("DODO_PAYMENTS_WEBHOOK_KEY is empty: refusing to accept unsigned webhooks")
         try:
+            for secret in secrets:
+                _check_base64(secret)
             self._hooks = [Webhook(secret) for secret in secrets]
         except Exception as exc:  # the library raises bare errors for bad base64
             raise ValueError("DODO_PAYMENTS_WEBHOOK_KEY is not a valid whsec_ secret") from exc
@@ -39,3 +43,11 @@ class SignatureVerifier:
                 continue
             return
         raise InvalidSignature("no matching signature")
+
+
+def _check_base64(secret: str) -> None:
+    """The library decodes leniently, silently dropping characters outside the alphabet: a mistyped or truncated key
+    would then start fine and reject every delivery. Padding stays optional, as the library allows."""
+    encoded = secret.removeprefix("whsec_")
+    if not base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True):
+        raise binascii.Error("empty secret")

@@ -2,17 +2,62 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import and_, func, select, text, update
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from service.credits import Entry
+from service.domain import Account, Grant
+from storage.engine import Connection
+from storage.repositories.subscriptions import CHANGES_CHANNEL
 
-from service.credits import Account, Entry, Grant
-from storage.models import CreditBalance, CreditLedgerEntry, CreditPeriodGrant
+# Balances, grants, ledger rows and the change notification in one statement (one round trip per write).
+_SAVE = """
+WITH account AS (
+    UPDATE credit_balances AS b
+    SET balance = v.balance, grants = v.grants::jsonb, updated_at = now()
+    FROM unnest($1::text[], $2::text[], $3::numeric[], $4::text[]) AS v(customer_id, credit, balance, grants)
+    WHERE b.customer_id = v.customer_id AND b.credit = v.credit
+    RETURNING 1
+), ledger AS (
+    INSERT INTO credit_ledger (
+        entry_id, customer_id, credit, amount, balance_after, kind, source, idempotency_key, fingerprint,
+        dodo_entry_id, description, metadata
+    )
+    SELECT e.entry_id, e.customer_id, e.credit, e.amount, e.balance_after, e.kind, e.source, e.idempotency_key,
+           e.fingerprint, e.dodo_entry_id, e.description, e.metadata::jsonb
+    FROM unnest($5::text[], $6::text[], $7::text[], $8::numeric[], $9::numeric[], $10::text[], $11::text[],
+                $12::text[], $13::text[], $14::text[], $15::text[], $16::text[])
+         AS e(entry_id, customer_id, credit, amount, balance_after, kind, source, idempotency_key, fingerprint,
+              dodo_entry_id, description, metadata)
+    RETURNING created_at
+)
+SELECT (SELECT count(*) FROM account), (SELECT max(created_at) FROM ledger),
+       (SELECT count(pg_notify($17, c)) FROM (SELECT DISTINCT unnest($1::text[]) AS c) AS changed)
+"""
+
+_ENTRY_COLUMNS = ", ".join(
+    f"l.{name}"
+    for name in (
+        "id",
+        "entry_id",
+        "customer_id",
+        "credit",
+        "amount",
+        "balance_after",
+        "kind",
+        "source",
+        "idempotency_key",
+        "fingerprint",
+        "dodo_entry_id",
+        "description",
+        "metadata",
+        "created_at",
+    )
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,100 +67,145 @@ class StoredEntry:
 
 
 class CreditRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
 
     async def lock(self, customer_id: str, credit: str) -> Account:
         """The account under a row lock held to the end of the transaction (created empty on first use)."""
-        account = await self._select_for_update(customer_id, credit)
-        if account is not None:
-            return account
-        await self.session.execute(
-            insert(CreditBalance).values(customer_id=customer_id, credit=credit).on_conflict_do_nothing()
-        )
-        account = await self._select_for_update(customer_id, credit)
-        assert account is not None
-        return account
+        return (await self.lock_many([(customer_id, credit)]))[(customer_id, credit)]
 
-    async def _select_for_update(self, customer_id: str, credit: str) -> Account | None:
-        row = (
-            await self.session.execute(
-                select(CreditBalance.balance, CreditBalance.grants)
-                .where(CreditBalance.customer_id == customer_id, CreditBalance.credit == credit)
-                .with_for_update()
+    async def lock_many(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Account]:
+        """Lock several accounts in one round trip, always in key order so concurrent lockers cannot deadlock."""
+        ordered = sorted(set(keys))
+        customers = [k[0] for k in ordered]
+        credits = [k[1] for k in ordered]
+        found = await self._select_for_update(customers, credits)
+        missing = [k for k in ordered if k not in found]
+        if missing:
+            await self.connection.execute(
+                """
+                INSERT INTO credit_balances (customer_id, credit)
+                SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING
+                """,
+                [k[0] for k in missing],
+                [k[1] for k in missing],
             )
-        ).first()
-        if row is None:
-            return None
-        return Account(customer_id, credit, row.balance, _grants_from_json(row.grants))
+            found.update(await self._select_for_update([k[0] for k in missing], [k[1] for k in missing]))
+        return found
+
+    async def _select_for_update(self, customers: list[str], credits: list[str]) -> dict[tuple[str, str], Account]:
+        rows = await self.connection.fetch(
+            """
+            SELECT b.customer_id, b.credit, b.balance, b.grants
+            FROM credit_balances AS b
+            JOIN unnest($1::text[], $2::text[]) AS k(customer_id, credit)
+              ON b.customer_id = k.customer_id AND b.credit = k.credit
+            ORDER BY b.customer_id, b.credit
+            FOR UPDATE OF b
+            """,
+            customers,
+            credits,
+        )
+        return {(r["customer_id"], r["credit"]): _account(r) for r in rows}
 
     async def accounts(self, customer_id: str) -> dict[str, Account]:
-        rows = await self.session.execute(
-            select(CreditBalance.credit, CreditBalance.balance, CreditBalance.grants).where(
-                CreditBalance.customer_id == customer_id
-            )
+        rows = await self.connection.fetch(
+            "SELECT customer_id, credit, balance, grants FROM credit_balances WHERE customer_id = $1", customer_id
         )
-        return {r.credit: Account(customer_id, r.credit, r.balance, _grants_from_json(r.grants)) for r in rows}
+        return {r["credit"]: _account(r) for r in rows}
 
-    async def save(self, account: Account, entries: list[Entry]) -> None:
-        await self.session.execute(
-            update(CreditBalance)
-            .where(CreditBalance.customer_id == account.customer_id, CreditBalance.credit == account.credit)
-            .values(balance=account.balance, grants=_grants_to_json(account.grants), updated_at=func.now())
+    async def save(self, accounts: Sequence[Account], entries: Sequence[Entry]) -> None:
+        await self.connection.execute(
+            _SAVE,
+            [a.customer_id for a in accounts],
+            [a.credit for a in accounts],
+            [a.balance for a in accounts],
+            [grants_json(a.grants) for a in accounts],
+            [e.entry_id for e in entries],
+            [e.customer_id for e in entries],
+            [e.credit for e in entries],
+            [e.amount for e in entries],
+            [e.balance_after for e in entries],
+            [e.kind for e in entries],
+            [e.source for e in entries],
+            [e.idempotency_key for e in entries],
+            [e.fingerprint for e in entries],
+            [e.dodo_entry_id for e in entries],
+            [e.description for e in entries],
+            [_json_text(dict(e.metadata)) for e in entries],
+            CHANGES_CHANNEL,
         )
-        if entries:
-            await self.session.execute(insert(CreditLedgerEntry), [_entry_row(e) for e in entries])
 
-    async def by_idempotency_key(self, customer_id: str, key: str) -> Entry | None:
-        row = await self.session.scalar(
-            select(CreditLedgerEntry).where(
-                CreditLedgerEntry.customer_id == customer_id, CreditLedgerEntry.idempotency_key == key
-            )
+    async def by_idempotency_keys(self, customer_keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Entry]:
+        if not customer_keys:
+            return {}
+        rows = await self.connection.fetch(
+            f"""
+            SELECT {_ENTRY_COLUMNS} FROM credit_ledger AS l
+            JOIN unnest($1::text[], $2::text[]) AS k(customer_id, idempotency_key)
+              ON l.customer_id = k.customer_id AND l.idempotency_key = k.idempotency_key
+            """,
+            [k[0] for k in customer_keys],
+            [k[1] for k in customer_keys],
         )
-        return None if row is None else _entry(row)
+        return {(r["customer_id"], r["idempotency_key"]): _entry(r) for r in rows}
 
     async def has_dodo_entry(self, dodo_entry_id: str) -> bool:
-        found = await self.session.scalar(
-            select(CreditLedgerEntry.id).where(CreditLedgerEntry.dodo_entry_id == dodo_entry_id)
-        )
+        found = await self.connection.fetchval("SELECT 1 FROM credit_ledger WHERE dodo_entry_id = $1", dodo_entry_id)
         return found is not None
 
     async def claim_period_grant(
         self, *, subscription_id: str, credit: str, period_start: datetime, customer_id: str, amount: Decimal
     ) -> bool:
-        claimed = await self.session.scalar(
-            insert(CreditPeriodGrant)
-            .values(
-                subscription_id=subscription_id,
-                credit=credit,
-                period_start=period_start,
-                customer_id=customer_id,
-                amount=amount,
-            )
-            .on_conflict_do_nothing()
-            .returning(CreditPeriodGrant.subscription_id)
+        claimed = await self.connection.fetchval(
+            """
+            INSERT INTO credit_period_grants (subscription_id, credit, period_start, customer_id, amount)
+            VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING 1
+            """,
+            subscription_id,
+            credit,
+            period_start,
+            customer_id,
+            amount,
         )
         return claimed is not None
 
     async def page(self, customer_id: str, credit: str, *, before_id: int | None, limit: int) -> list[StoredEntry]:
         """Newest first; `before_id` is the keyset cursor (exclusive)."""
-        condition = and_(CreditLedgerEntry.customer_id == customer_id, CreditLedgerEntry.credit == credit)
-        if before_id is not None:
-            condition = and_(condition, CreditLedgerEntry.id < before_id)
-        rows = await self.session.scalars(
-            select(CreditLedgerEntry).where(condition).order_by(CreditLedgerEntry.id.desc()).limit(limit)
+        rows = await self.connection.fetch(
+            f"""
+            SELECT {_ENTRY_COLUMNS} FROM credit_ledger AS l
+            WHERE customer_id = $1 AND credit = $2 AND ($3::bigint IS NULL OR id < $3)
+            ORDER BY id DESC LIMIT $4
+            """,
+            customer_id,
+            credit,
+            before_id,
+            limit,
         )
-        return [StoredEntry(row.id, _entry(row)) for row in rows]
-
-    async def ledger_sum(self, customer_id: str, credit: str) -> Decimal:
-        total = await self.session.scalar(
-            text("SELECT coalesce(sum(amount), 0) FROM credit_ledger WHERE customer_id = :c AND credit = :k"),
-            {"c": customer_id, "k": credit},
-        )
-        return Decimal(total)
+        return [StoredEntry(r["id"], _entry(r)) for r in rows]
 
 
-def _grants_from_json(items: list[Any]) -> tuple[Grant, ...]:
+def _json_text(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def grants_json(grants: tuple[Grant, ...]) -> str:
+    # Decimals as text: JSON numbers would pass through float somewhere along the way.
+    return _json_text(
+        [
+            {
+                "grant_id": g.grant_id,
+                "remaining": format(g.remaining, "f"),
+                "expires_at": None if g.expires_at is None else g.expires_at.isoformat(),
+                "source": g.source,
+            }
+            for g in grants
+        ]
+    )
+
+
+def grants_from_json(items: list[Any]) -> tuple[Grant, ...]:
     return tuple(
         Grant(
             grant_id=item["grant_id"],
@@ -127,49 +217,23 @@ def _grants_from_json(items: list[Any]) -> tuple[Grant, ...]:
     )
 
 
-def _grants_to_json(grants: tuple[Grant, ...]) -> list[dict[str, Any]]:
-    return [
-        {
-            "grant_id": g.grant_id,
-            # Decimal as text: JSON numbers would go through float somewhere along the way.
-            "remaining": format(g.remaining, "f"),
-            "expires_at": None if g.expires_at is None else g.expires_at.isoformat(),
-            "source": g.source,
-        }
-        for g in grants
-    ]
+def _account(row: Any) -> Account:
+    return Account(row["customer_id"], row["credit"], row["balance"], grants_from_json(row["grants"]))
 
 
-def _entry_row(entry: Entry) -> dict[str, Any]:
-    return {
-        "entry_id": entry.entry_id,
-        "customer_id": entry.customer_id,
-        "credit": entry.credit,
-        "amount": entry.amount,
-        "balance_after": entry.balance_after,
-        "kind": entry.kind,
-        "source": entry.source,
-        "idempotency_key": entry.idempotency_key,
-        "fingerprint": entry.fingerprint,
-        "dodo_entry_id": entry.dodo_entry_id,
-        "description": entry.description,
-        "metadata_": dict(entry.metadata),
-    }
-
-
-def _entry(row: CreditLedgerEntry) -> Entry:
+def _entry(row: Any) -> Entry:
     return Entry(
-        entry_id=row.entry_id,
-        customer_id=row.customer_id,
-        credit=row.credit,
-        amount=row.amount,
-        balance_after=row.balance_after,
-        kind=row.kind,
-        source=row.source,
-        idempotency_key=row.idempotency_key,
-        fingerprint=row.fingerprint,
-        dodo_entry_id=row.dodo_entry_id,
-        description=row.description,
-        metadata={str(k): str(v) for k, v in row.metadata_.items()},
-        created_at=row.created_at,
+        entry_id=row["entry_id"],
+        customer_id=row["customer_id"],
+        credit=row["credit"],
+        amount=row["amount"],
+        balance_after=row["balance_after"],
+        kind=row["kind"],
+        source=row["source"],
+        idempotency_key=row["idempotency_key"],
+        fingerprint=row["fingerprint"],
+        dodo_entry_id=row["dodo_entry_id"],
+        description=row["description"],
+        metadata={str(k): str(v) for k, v in row["metadata"].items()},
+        created_at=row["created_at"],
     )

@@ -5,18 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from storage.models import WebhookInbox
+from storage.engine import Connection
 
 
 class InboxRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
 
-    async def claim(
+    async def record(
         self,
         *,
         webhook_id: str,
@@ -24,29 +20,29 @@ class InboxRepository:
         event_timestamp: datetime,
         business_id: str,
         payload: dict[str, Any],
-    ) -> int | None:
-        """Insert the delivery; None when this webhook-id was already stored (a concurrent twin waits here)."""
-        statement = (
-            insert(WebhookInbox)
-            .values(
-                webhook_id=webhook_id,
-                event_type=event_type,
-                event_timestamp=event_timestamp,
-                business_id=business_id,
-                payload=payload,
-                status="received",
-            )
-            .on_conflict_do_nothing(index_elements=[WebhookInbox.webhook_id])
-            .returning(WebhookInbox.id)
+        status: str,
+        subject_id: str | None,
+    ) -> bool:
+        """Store the delivery with its outcome; False when this webhook-id is already stored (the caller then rolls
+        back whatever it did: a concurrent twin waits on the unique index until the first commits or aborts)."""
+        inserted = await self.connection.fetchval(
+            """
+            INSERT INTO webhook_inbox
+                (webhook_id, event_type, event_timestamp, business_id, payload, status, subject_id, processed_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+            ON CONFLICT (webhook_id) DO NOTHING
+            RETURNING id
+            """,
+            webhook_id,
+            event_type,
+            event_timestamp,
+            business_id,
+            payload,
+            status,
+            subject_id,
         )
-        return await self.session.scalar(statement)
+        return inserted is not None
 
-    async def finish(self, row_id: int, *, status: str, subject_id: str | None, error: str | None = None) -> None:
-        await self.session.execute(
-            update(WebhookInbox)
-            .where(WebhookInbox.id == row_id)
-            .values(status=status, subject_id=subject_id, error=error, processed_at=func.now())
-        )
-
-    async def status_of(self, webhook_id: str) -> str | None:
-        return await self.session.scalar(select(WebhookInbox.status).where(WebhookInbox.webhook_id == webhook_id))
+    async def seen(self, webhook_id: str) -> bool:
+        found = await self.connection.fetchval("SELECT 1 FROM webhook_inbox WHERE webhook_id = $1", webhook_id)
+        return found is not None

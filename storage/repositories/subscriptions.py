@@ -7,106 +7,123 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select, text
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from service.domain import Addon, CartCredit, ScheduledChange, SubscriptionState
-from storage.models import Customer, Subscription
+from storage.engine import Connection
 
 CHANGES_CHANNEL = "entitlements_changed"
 
+_COLUMNS = (
+    "subscription_id, customer_id, product_id, status, quantity, currency, recurring_pre_tax_amount, "
+    "payment_frequency_count, payment_frequency_interval, trial_period_days, dodo_created_at, "
+    "previous_billing_date, next_billing_date, cancel_at_next_billing_date, cancelled_at, expires_at, "
+    "past_due_ends_at, on_hold_since, scheduled_change, credit_entitlement_cart, addons, last_event_at, "
+    "updated_at, payload->'customer'->>'email' AS customer_email, payload->'customer'->>'name' AS customer_name"
+)
+SELECT_SUBSCRIPTIONS = f"SELECT {_COLUMNS} FROM subscriptions"
+
+# One statement writes the customer, the subscription and the change notification (delivered at commit).
+_UPSERT = """
+WITH customer AS (
+    INSERT INTO customers (customer_id, email, name) VALUES ($2, $24, $25)
+    ON CONFLICT (customer_id) DO UPDATE SET email = EXCLUDED.email, name = EXCLUDED.name, updated_at = now()
+), saved AS (
+    INSERT INTO subscriptions (
+        subscription_id, customer_id, product_id, status, quantity, currency, recurring_pre_tax_amount,
+        payment_frequency_count, payment_frequency_interval, trial_period_days, dodo_created_at,
+        previous_billing_date, next_billing_date, cancel_at_next_billing_date, cancelled_at, expires_at,
+        past_due_ends_at, on_hold_since, scheduled_change, credit_entitlement_cart, addons, last_event_at,
+        payload, refreshed_at, metadata
+    ) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22,
+              $23, $26, coalesce($23::jsonb->'metadata', '{}'::jsonb))
+    ON CONFLICT (subscription_id) DO UPDATE SET
+        customer_id = EXCLUDED.customer_id, product_id = EXCLUDED.product_id, status = EXCLUDED.status,
+        quantity = EXCLUDED.quantity, currency = EXCLUDED.currency,
+        recurring_pre_tax_amount = EXCLUDED.recurring_pre_tax_amount,
+        payment_frequency_count = EXCLUDED.payment_frequency_count,
+        payment_frequency_interval = EXCLUDED.payment_frequency_interval,
+        trial_period_days = EXCLUDED.trial_period_days, dodo_created_at = EXCLUDED.dodo_created_at,
+        previous_billing_date = EXCLUDED.previous_billing_date, next_billing_date = EXCLUDED.next_billing_date,
+        cancel_at_next_billing_date = EXCLUDED.cancel_at_next_billing_date, cancelled_at = EXCLUDED.cancelled_at,
+        expires_at = EXCLUDED.expires_at, past_due_ends_at = EXCLUDED.past_due_ends_at,
+        on_hold_since = EXCLUDED.on_hold_since, scheduled_change = EXCLUDED.scheduled_change,
+        credit_entitlement_cart = EXCLUDED.credit_entitlement_cart, addons = EXCLUDED.addons,
+        last_event_at = EXCLUDED.last_event_at, payload = EXCLUDED.payload, metadata = EXCLUDED.metadata,
+        refreshed_at = coalesce(EXCLUDED.refreshed_at, subscriptions.refreshed_at), updated_at = now()
+    RETURNING updated_at
+)
+SELECT (SELECT updated_at FROM saved), pg_notify($27, $2), pg_notify($27, $28)
+"""
+
 
 class SubscriptionRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
 
     async def lock(self, subscription_id: str) -> SubscriptionState | None:
         """Serialize writers of one subscription (even its very first insert) until the transaction ends."""
-        await self.session.execute(
-            text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
-            {"key": f"subscription:{subscription_id}"},
+        await self.connection.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"subscription:{subscription_id}"
         )
         return await self.get(subscription_id)
 
     async def get(self, subscription_id: str) -> SubscriptionState | None:
-        row = await self.session.scalar(select(Subscription).where(Subscription.subscription_id == subscription_id))
+        row = await self.connection.fetchrow(f"{SELECT_SUBSCRIPTIONS} WHERE subscription_id = $1", subscription_id)
         return None if row is None else to_state(row)
 
     async def for_customer(self, customer_id: str) -> list[SubscriptionState]:
-        rows = await self.session.scalars(
-            select(Subscription)
-            .where(Subscription.customer_id == customer_id)
-            .order_by(Subscription.dodo_created_at.desc())
+        rows = await self.connection.fetch(
+            f"{SELECT_SUBSCRIPTIONS} WHERE customer_id = $1 ORDER BY dodo_created_at DESC", customer_id
         )
         return [to_state(row) for row in rows]
 
     async def save(
-        self, state: SubscriptionState, payload: dict[str, Any], *, refreshed_at: datetime | None = None
+        self,
+        state: SubscriptionState,
+        payload: dict[str, Any],
+        *,
+        refreshed_at: datetime | None = None,
+        previous_customer_id: str | None = None,
     ) -> None:
-        await self._save_customer(state)
-        values = _row_values(state)
-        values["payload"] = payload
-        if refreshed_at is not None:
-            values["refreshed_at"] = refreshed_at
-        statement = insert(Subscription).values(**values)
-        update: dict[str, Any] = {key: statement.excluded[key] for key in values if key != "subscription_id"}
-        update["updated_at"] = func.now()
-        await self.session.execute(
-            statement.on_conflict_do_update(index_elements=[Subscription.subscription_id], set_=update)
-        )
-
-    async def _save_customer(self, state: SubscriptionState) -> None:
-        statement = insert(Customer).values(
-            customer_id=state.customer_id, email=state.customer_email, name=state.customer_name
-        )
-        await self.session.execute(
-            statement.on_conflict_do_update(
-                index_elements=[Customer.customer_id],
-                set_={
-                    "email": statement.excluded.email,
-                    "name": statement.excluded.name,
-                    "updated_at": func.now(),
-                },
-            )
+        """Upsert the snapshot and its customer, and notify every replica's cache of both customers involved."""
+        await self.connection.execute(
+            _UPSERT,
+            state.subscription_id,
+            state.customer_id,
+            state.product_id,
+            state.status,
+            state.quantity,
+            state.currency,
+            state.recurring_pre_tax_amount,
+            state.payment_frequency_count,
+            state.payment_frequency_interval,
+            state.trial_period_days,
+            state.created_at,
+            state.previous_billing_date,
+            state.next_billing_date,
+            state.cancel_at_next_billing_date,
+            state.cancelled_at,
+            state.expires_at,
+            state.past_due_ends_at,
+            state.on_hold_since,
+            _scheduled_json(state.scheduled_change),
+            [_cart_json(c) for c in state.credit_cart],
+            [asdict(a) for a in state.addons],
+            state.last_event_at,
+            payload,
+            state.customer_email,
+            state.customer_name,
+            refreshed_at,
+            CHANGES_CHANNEL,
+            previous_customer_id or state.customer_id,
         )
 
     async def notify_changed(self, customer_id: str) -> None:
         """Tell every replica's cache, at commit, that this customer's entitlements changed."""
-        await self.session.execute(
-            text("SELECT pg_notify(:channel, :customer)"),
-            {"channel": CHANGES_CHANNEL, "customer": customer_id},
-        )
+        await self.connection.execute("SELECT pg_notify($1, $2)", CHANGES_CHANNEL, customer_id)
 
 
-def _row_values(state: SubscriptionState) -> dict[str, Any]:
-    return {
-        "subscription_id": state.subscription_id,
-        "customer_id": state.customer_id,
-        "product_id": state.product_id,
-        "status": state.status,
-        "quantity": state.quantity,
-        "currency": state.currency,
-        "recurring_pre_tax_amount": state.recurring_pre_tax_amount,
-        "payment_frequency_count": state.payment_frequency_count,
-        "payment_frequency_interval": state.payment_frequency_interval,
-        "trial_period_days": state.trial_period_days,
-        "dodo_created_at": state.created_at,
-        "previous_billing_date": state.previous_billing_date,
-        "next_billing_date": state.next_billing_date,
-        "cancel_at_next_billing_date": state.cancel_at_next_billing_date,
-        "cancelled_at": state.cancelled_at,
-        "expires_at": state.expires_at,
-        "past_due_ends_at": state.past_due_ends_at,
-        "on_hold_since": state.on_hold_since,
-        "scheduled_change": _scheduled_json(state.scheduled_change),
-        "credit_entitlement_cart": [
-            {**asdict(c), "overage_limit": None if c.overage_limit is None else str(c.overage_limit)}
-            for c in state.credit_cart
-        ],
-        "addons": [asdict(a) for a in state.addons],
-        "last_event_at": state.last_event_at,
-    }
+def _cart_json(item: CartCredit) -> dict[str, Any]:
+    return {**asdict(item), "overage_limit": None if item.overage_limit is None else str(item.overage_limit)}
 
 
 def _scheduled_json(change: ScheduledChange | None) -> dict[str, Any] | None:
@@ -119,29 +136,29 @@ def _scheduled_json(change: ScheduledChange | None) -> dict[str, Any] | None:
     }
 
 
-def to_state(row: Subscription) -> SubscriptionState:
-    scheduled = row.scheduled_change
+def to_state(row: Any) -> SubscriptionState:
+    scheduled = row["scheduled_change"]
     return SubscriptionState(
-        subscription_id=row.subscription_id,
-        customer_id=row.customer_id,
-        product_id=row.product_id,
-        status=row.status,
-        quantity=row.quantity,
-        created_at=row.dodo_created_at,
-        trial_period_days=row.trial_period_days,
-        previous_billing_date=row.previous_billing_date,
-        next_billing_date=row.next_billing_date,
-        cancel_at_next_billing_date=row.cancel_at_next_billing_date,
-        cancelled_at=row.cancelled_at,
-        expires_at=row.expires_at,
-        past_due_ends_at=row.past_due_ends_at,
-        on_hold_since=row.on_hold_since,
-        customer_email=str((row.payload.get("customer") or {}).get("email") or ""),
-        customer_name=str((row.payload.get("customer") or {}).get("name") or ""),
-        currency=row.currency,
-        recurring_pre_tax_amount=row.recurring_pre_tax_amount,
-        payment_frequency_count=row.payment_frequency_count,
-        payment_frequency_interval=row.payment_frequency_interval,
+        subscription_id=row["subscription_id"],
+        customer_id=row["customer_id"],
+        product_id=row["product_id"],
+        status=row["status"],
+        quantity=row["quantity"],
+        created_at=row["dodo_created_at"],
+        trial_period_days=row["trial_period_days"],
+        previous_billing_date=row["previous_billing_date"],
+        next_billing_date=row["next_billing_date"],
+        cancel_at_next_billing_date=row["cancel_at_next_billing_date"],
+        cancelled_at=row["cancelled_at"],
+        expires_at=row["expires_at"],
+        past_due_ends_at=row["past_due_ends_at"],
+        on_hold_since=row["on_hold_since"],
+        customer_email=row["customer_email"] or "",
+        customer_name=row["customer_name"] or "",
+        currency=row["currency"],
+        recurring_pre_tax_amount=row["recurring_pre_tax_amount"],
+        payment_frequency_count=row["payment_frequency_count"],
+        payment_frequency_interval=row["payment_frequency_interval"],
         scheduled_change=None
         if scheduled is None
         else ScheduledChange(
@@ -157,9 +174,9 @@ def to_state(row: Subscription) -> SubscriptionState:
                 overage_enabled=bool(c["overage_enabled"]),
                 overage_limit=None if c.get("overage_limit") is None else Decimal(c["overage_limit"]),
             )
-            for c in row.credit_entitlement_cart
+            for c in row["credit_entitlement_cart"]
         ),
-        addons=tuple(Addon(a["addon_id"], int(a["quantity"])) for a in row.addons),
-        last_event_at=row.last_event_at,
-        updated_at=row.updated_at,
+        addons=tuple(Addon(a["addon_id"], int(a["quantity"])) for a in row["addons"]),
+        last_event_at=row["last_event_at"],
+        updated_at=row["updated_at"],
     )

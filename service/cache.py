@@ -1,0 +1,158 @@
+"""A bounded in-process cache of per-customer entitlement snapshots, invalidated across replicas by Postgres
+LISTEN/NOTIFY.
+
+Every write path notifies `entitlements_changed` with the customer id inside its transaction, so the notice is
+delivered exactly when the change commits. Snapshots hold raw state, never decisions: expiry is a comparison made
+at check time, so a cached snapshot stays time-correct however long it lives.
+
+Two races are closed here. A load that read the database before a change committed must not be cached after that
+change's notice arrived: loads in flight for a customer are marked dirty by a notice and then not cached. And while
+the listening connection is down, notices can be lost: the cache is cleared and bypassed until it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import asyncpg
+
+from service.domain import CustomerEntitlements
+from storage.engine import Database
+from storage.repositories.customers import load_customer
+from storage.repositories.subscriptions import CHANGES_CHANNEL
+
+log = logging.getLogger("entitlements.cache")
+
+DEFAULT_MAX_CUSTOMERS = 200_000
+
+
+class EntitlementCache:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        max_customers: int = DEFAULT_MAX_CUSTOMERS,
+        reconnect_delay: float = 1.0,
+        ping_interval: float = 10.0,
+    ) -> None:
+        self.db = db
+        self.ping_interval = ping_interval
+        self.max_customers = max_customers
+        self.reconnect_delay = reconnect_delay
+        self._entries: OrderedDict[str, CustomerEntitlements] = OrderedDict()
+        self._loading: dict[str, int] = {}
+        self._dirty: set[str] = set()
+        self._listening = False
+        self._listener: asyncpg.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lost = asyncio.Event()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def listening(self) -> bool:
+        return self._listening
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def get(self, customer_id: str) -> CustomerEntitlements:
+        entry = self._entries.get(customer_id)
+        if entry is not None:
+            self._entries.move_to_end(customer_id)
+            self.hits += 1
+            return entry
+        self.misses += 1
+        return await self._load(customer_id)
+
+    async def _load(self, customer_id: str) -> CustomerEntitlements:
+        self._loading[customer_id] = self._loading.get(customer_id, 0) + 1
+        try:
+            async with self.db.connection() as connection:
+                entry = await load_customer(connection, customer_id)
+            if self._listening and customer_id not in self._dirty:
+                self._entries[customer_id] = entry
+                if len(self._entries) > self.max_customers:
+                    self._entries.popitem(last=False)
+            return entry
+        finally:
+            left = self._loading[customer_id] - 1
+            if left:
+                self._loading[customer_id] = left
+            else:
+                del self._loading[customer_id]
+                self._dirty.discard(customer_id)
+
+    def invalidate(self, customer_id: str) -> None:
+        self._entries.pop(customer_id, None)
+        if customer_id in self._loading:
+            self._dirty.add(customer_id)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._dirty.update(self._loading)
+
+    async def start(self) -> None:
+        """Listen in the background; until the first connection succeeds the cache is bypassed."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._listen_forever(), name="entitlement-cache-listener")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._close_listener()
+
+    async def _listen_forever(self) -> None:
+        while True:
+            try:
+                await self._listen_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning("cache.listener_failed", extra={"why": type(error).__name__})
+            self._set_listening(False)
+            await self._close_listener()
+            await asyncio.sleep(self.reconnect_delay)
+
+    async def _listen_once(self) -> None:
+        self._lost.clear()
+        connection = await asyncpg.connect(self.db.url, timeout=self.db.connect_timeout)
+        self._listener = connection
+        connection.add_termination_listener(self._on_terminated)
+        await connection.add_listener(CHANGES_CHANNEL, self._on_notice)
+        # Anything cached before this point may have missed notices: start from empty.
+        self.clear()
+        self._set_listening(True)
+        log.info("cache.listening")
+        while not self._lost.is_set():
+            try:
+                await asyncio.wait_for(self._lost.wait(), timeout=self.ping_interval)
+            except TimeoutError:
+                # A half-open TCP connection never reports termination: prove the channel is alive.
+                await connection.fetchval("SELECT 1", timeout=self.db.connect_timeout)
+
+    def _set_listening(self, value: bool) -> None:
+        if not value and self._listening:
+            log.warning("cache.bypassed: invalidation channel lost, serving from Postgres until it is back")
+            self.clear()
+        self._listening = value
+
+    def _on_notice(self, connection: Any, pid: int, channel: str, payload: object) -> None:
+        self.invalidate(str(payload))
+
+    def _on_terminated(self, connection: Any) -> None:
+        self._set_listening(False)
+        self._lost.set()
+
+    async def _close_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None and not listener.is_closed():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(listener.close(), timeout=2)

@@ -1,0 +1,167 @@
+"""Reconciliation: fetch subscriptions from Dodo and apply them like webhook snapshots, to heal missed webhooks
+(a lost `subscription.renewed` must never leave a paying customer downgraded, nor a lost cancellation leave access
+open).
+
+Rate-limited below Dodo's 100 requests/minute, one subscription per transaction, and each change logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from service.catalog import Catalog
+from service.clock import Clock
+from service.dodo import DodoError, DodoGateway, DodoNotFound
+from service.snapshots import apply_snapshot
+from storage.engine import Database
+
+log = logging.getLogger("entitlements.reconcile")
+
+
+@dataclass(frozen=True, slots=True)
+class StalePolicy:
+    renewal_margin: timedelta = timedelta(hours=6)
+    refresh_after: timedelta = timedelta(days=7)
+
+
+@dataclass
+class ReconcileReport:
+    checked: int = 0
+    changed: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+class RateLimiter:
+    """At most `per_minute` calls a minute, spaced evenly (no bursts that Dodo would answer with 429)."""
+
+    def __init__(
+        self,
+        per_minute: int,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.interval = 60.0 / per_minute
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._next = 0.0
+
+    async def wait(self) -> None:
+        now = self._monotonic()
+        if self._next > now:
+            await self._sleep(self._next - now)
+            now = self._next
+        self._next = now + self.interval
+
+
+_STALE = """
+SELECT subscription_id FROM subscriptions
+WHERE (status = 'active' AND next_billing_date < $1::timestamptz - $2::interval)
+   OR status IN ('on_hold', 'past_due')
+   OR (cancel_at_next_billing_date AND next_billing_date < $1 AND status <> 'cancelled')
+   OR (last_event_at < $1::timestamptz - $3::interval
+       AND (refreshed_at IS NULL OR refreshed_at < $1::timestamptz - $3::interval))
+ORDER BY subscription_id
+"""
+
+
+async def stale_ids(db: Database, now: datetime, policy: StalePolicy) -> list[str]:
+    """Subscriptions whose local state may be out of date: active well past the period end without a renewal;
+    in payment trouble (Dodo moves these on and we must not miss it); a scheduled cancellation past its end that
+    never arrived; or nothing heard, from webhooks or from Dodo itself, for a long time."""
+    async with db.connection() as connection:
+        rows = await connection.fetch(_STALE, now, policy.renewal_margin, policy.refresh_after)
+    return [row["subscription_id"] for row in rows]
+
+
+async def all_ids(db: Database) -> list[str]:
+    async with db.connection() as connection:
+        rows = await connection.fetch("SELECT subscription_id FROM subscriptions ORDER BY subscription_id")
+    return [row["subscription_id"] for row in rows]
+
+
+async def reconcile(
+    ids: Sequence[str],
+    *,
+    db: Database,
+    dodo: DodoGateway,
+    catalog: Catalog,
+    clock: Clock,
+    limiter: RateLimiter,
+) -> ReconcileReport:
+    report = ReconcileReport()
+    for subscription_id in ids:
+        await limiter.wait()
+        report.checked += 1
+        try:
+            data = await dodo.get_subscription(subscription_id)
+        except DodoNotFound:
+            log.warning("reconcile.missing", extra={"subscription_id": subscription_id})
+            report.missing.append(subscription_id)
+            continue
+        except DodoError as error:
+            log.warning("reconcile.fetch_failed", extra={"subscription_id": subscription_id, "why": error.message})
+            report.failed.append(subscription_id)
+            continue
+        now = clock()
+        async with db.tx() as connection:
+            outcome = await apply_snapshot(connection, catalog, data, now, refreshed_at=now)
+        before, after = outcome.previous, outcome.current
+        if outcome.applied and (before is None or _summary(before) != _summary(after)):
+            report.changed.append(subscription_id)
+            log.info(
+                "reconcile.changed",
+                extra={
+                    "subscription_id": subscription_id,
+                    "before": None if before is None else _summary(before),
+                    "after": _summary(after),
+                },
+            )
+    return report
+
+
+def _summary(sub: object) -> tuple[object, ...]:
+    return tuple(
+        getattr(sub, name)
+        for name in (
+            "status",
+            "product_id",
+            "quantity",
+            "next_billing_date",
+            "cancel_at_next_billing_date",
+            "scheduled_change",
+        )
+    )
+
+
+async def reconcile_forever(
+    *,
+    interval: float,
+    db: Database,
+    dodo: DodoGateway,
+    catalog: Catalog,
+    clock: Clock,
+    limiter: RateLimiter,
+    policy: StalePolicy,
+) -> None:
+    """The background loop of `serve`: the stale set every `interval` seconds, until cancelled."""
+    while True:
+        try:
+            ids = await stale_ids(db, clock(), policy)
+            if ids:
+                report = await reconcile(ids, db=db, dodo=dodo, catalog=catalog, clock=clock, limiter=limiter)
+                log.info(
+                    "reconcile.pass",
+                    extra={"checked": report.checked, "changed": len(report.changed), "failed": len(report.failed)},
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("reconcile.pass_failed")
+        await asyncio.sleep(interval)

@@ -1,0 +1,57 @@
+"""`python -m service reconcile [--subscription ID | --stale | --all]`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import timedelta
+
+from service.catalog import load_catalog
+from service.clock import utc_now
+from service.dodo import DodoGateway
+from service.reconcile import RateLimiter, StalePolicy, all_ids, reconcile, stale_ids
+from service.settings import Settings
+from storage.engine import Database
+
+
+def stale_policy(settings: Settings) -> StalePolicy:
+    return StalePolicy(
+        renewal_margin=timedelta(hours=settings.reconcile_renewal_margin_hours),
+        refresh_after=timedelta(days=settings.reconcile_refresh_days),
+    )
+
+
+async def run_reconcile(settings: Settings, *, subscriptions: Sequence[str] | None, stale: bool) -> int:
+    catalog = load_catalog(settings.catalog_path)
+    db = Database.from_url(settings.require_database(), pool_size=2)
+    dodo = DodoGateway(settings.dodo_payments_api_key, settings.dodo_payments_base_url, settings.dodo_timeout_seconds)
+    try:
+        if subscriptions:
+            ids = list(subscriptions)
+        elif stale:
+            ids = await stale_ids(db, utc_now(), stale_policy(settings))
+        else:
+            ids = await all_ids(db)
+        report = await reconcile(
+            ids,
+            db=db,
+            dodo=dodo,
+            catalog=catalog,
+            clock=utc_now,
+            limiter=RateLimiter(settings.reconcile_rate_per_minute),
+        )
+    finally:
+        await dodo.close()
+        await db.close()
+    print(
+        json.dumps(
+            {
+                "checked": report.checked,
+                "changed": report.changed,
+                "missing": report.missing,
+                "failed": report.failed,
+            }
+        ),
+        flush=True,
+    )
+    return 1 if report.failed else 0
