@@ -28,6 +28,7 @@ from storage.repositories.subscriptions import CHANGES_CHANNEL
 log = logging.getLogger("entitlements.cache")
 
 DEFAULT_MAX_CUSTOMERS = 200_000
+LISTENER_NAME = "entitlements-cache-listener"
 
 
 class EntitlementCache:
@@ -123,7 +124,9 @@ class EntitlementCache:
 
     async def _listen_once(self) -> None:
         self._lost.clear()
-        connection = await asyncpg.connect(self.db.url, timeout=self.db.connect_timeout)
+        connection = await asyncpg.connect(
+            self.db.url, timeout=self.db.connect_timeout, server_settings={"application_name": LISTENER_NAME}
+        )
         self._listener = connection
         connection.add_termination_listener(self._on_terminated)
         await connection.add_listener(CHANGES_CHANNEL, self._on_notice)

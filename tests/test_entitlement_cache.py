@@ -1,0 +1,244 @@
+"""The CheckAccess cache: invalidated across processes by LISTEN/NOTIFY, time-correct from cached snapshots, never
+caching a load that a concurrent change overtook, and bypassed while its invalidation channel is down."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import grpc
+import pytest
+from entitlements.v1 import entitlements_pb2 as pb
+from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
+
+from service.cache import LISTENER_NAME
+from service.server import Running
+from storage.engine import plain_url
+from tests.support import (
+    API_TOKEN,
+    CUSTOMER_ID,
+    STARTER,
+    WEBHOOK_SECRET,
+    FakeClock,
+    WebhookPoster,
+    deliver,
+    subscription_event,
+    utc,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+ACTIVE_AT = utc("2026-09-01T10:15:40Z")
+PERIOD_END = utc("2026-10-01T10:15:02.481233Z")
+
+
+def check(customer_id: str = CUSTOMER_ID, feature: str = "dashboard") -> pb.CheckAccessRequest:
+    return pb.CheckAccessRequest(customer_id=customer_id, feature=feature)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class _WithToken:
+    def __init__(self, stub: pb_grpc.EntitlementServiceAsyncStub, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._stub = stub
+        self._metadata = metadata
+
+    async def CheckAccess(self, request: pb.CheckAccessRequest) -> pb.CheckAccessResponse:
+        return await self._stub.CheckAccess(request, metadata=self._metadata)
+
+
+@pytest.fixture
+async def other_replica(database_url: str, service: Running) -> AsyncIterator[_WithToken]:
+    """A second service process on the same database: the way replicas run behind a load balancer."""
+    grpc_port, http_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "DODO_PAYMENTS_WEBHOOK_KEY": WEBHOOK_SECRET,
+        "ENTITLEMENTS_GRPC_ADDR": f"127.0.0.1:{grpc_port}",
+        "ENTITLEMENTS_HTTP_ADDR": f"127.0.0.1:{http_port}",
+        "ENTITLEMENTS_API_TOKENS": API_TOKEN,
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                try:
+                    async with session.get(f"http://127.0.0.1:{http_port}/readyz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the second replica never became ready")
+        metadata = (("authorization", f"Bearer {API_TOKEN}"),)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = pb_grpc.EntitlementServiceStub(channel)
+            # Wait until its invalidation listener is connected: until then it does not cache at all.
+            for _ in range(200):
+                await stub.CheckAccess(check(customer_id="cus_warming_up"), metadata=metadata)
+                if await _replica_listening(database_url):
+                    break
+                await asyncio.sleep(0.05)
+            yield _WithToken(stub, metadata)
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), timeout=15)
+
+
+async def _replica_listening(database_url: str) -> bool:
+    connection = await asyncpg.connect(plain_url(database_url))
+    try:
+        listeners = await connection.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1",
+            LISTENER_NAME,
+        )
+    finally:
+        await connection.close()
+    return int(listeners) >= 2
+
+
+async def eventually_allowed(replica: _WithToken, allowed: bool, within: float = 0.1) -> None:
+    """The replica answers `allowed` within `within` seconds of the change having committed."""
+    committed = time.monotonic()
+    while (await replica.CheckAccess(check())).allowed is not allowed:
+        assert time.monotonic() - committed < within, "the other replica still answers from a stale cache"
+        await asyncio.sleep(0.002)
+
+
+async def wait_listening(service: Running) -> None:
+    for _ in range(250):
+        if service.cache.listening:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail("the cache's invalidation listener never connected")
+
+
+async def test_a_change_made_through_one_replica_is_visible_in_another_within_100_ms(
+    webhooks: WebhookPoster, other_replica: _WithToken, clock: FakeClock
+) -> None:
+    clock.set(ACTIVE_AT + timedelta(days=1))
+    await deliver(webhooks, subscription_event("subscription.active", timestamp=ACTIVE_AT))
+    # The other replica caches the customer as allowed (it uses the wall clock: the period is in the past
+    # there, but an active subscription stays allowed until a renewal or cancellation arrives).
+    await eventually_allowed(other_replica, True)
+    assert (await other_replica.CheckAccess(check())).allowed, "served from its cache now"
+
+    cancelled_at = ACTIVE_AT + timedelta(days=2)
+    await deliver(
+        webhooks,
+        subscription_event(
+            "subscription.cancelled", timestamp=cancelled_at, status="cancelled", cancelled_at=cancelled_at
+        ),
+    )
+    await eventually_allowed(other_replica, False)
+    denied = await other_replica.CheckAccess(check())
+    assert (denied.allowed, denied.reason) == (False, pb.ACCESS_REASON_SUBSCRIPTION_INACTIVE)
+
+
+async def test_cached_snapshot_stays_time_correct_without_any_event(
+    webhooks: WebhookPoster, stub: pb_grpc.EntitlementServiceAsyncStub, service: Running, clock: FakeClock
+) -> None:
+    await deliver(
+        webhooks, subscription_event("subscription.active", timestamp=ACTIVE_AT, cancel_at_next_billing_date=True)
+    )
+    await wait_listening(service)
+    clock.set(PERIOD_END - timedelta(seconds=1))
+    await stub.CheckAccess(check())
+    await asyncio.sleep(0.2)  # let the delivery's own notice arrive and settle
+    before = await stub.CheckAccess(check())
+    assert (before.allowed, before.reason) == (True, pb.ACCESS_REASON_CANCELLATION_SCHEDULED)
+    assert len(service.cache) == 1
+    misses = service.cache.misses
+    clock.set(PERIOD_END)
+    after = await stub.CheckAccess(check())
+    assert (after.allowed, after.reason) == (False, pb.ACCESS_REASON_SUBSCRIPTION_INACTIVE)
+    assert service.cache.misses == misses, "access ended by comparison on the cached snapshot, not by a reload"
+
+
+async def test_a_load_overtaken_by_a_change_is_not_cached(
+    webhooks: WebhookPoster,
+    stub: pb_grpc.EntitlementServiceAsyncStub,
+    service: Running,
+    database_url: str,
+    clock: FakeClock,
+) -> None:
+    await wait_listening(service)  # otherwise nothing would be cached at all and the test could not fail
+    clock.set(ACTIVE_AT + timedelta(days=1))
+    # Starter has no credits, so changing it never touches credit_balances, which we hold locked below.
+    await deliver(webhooks, subscription_event("subscription.active", timestamp=ACTIVE_AT, product_id=STARTER))
+    blocker = await asyncpg.connect(plain_url(database_url))
+    try:
+        transaction = blocker.transaction()
+        await transaction.start()
+        await blocker.execute("LOCK TABLE credit_balances IN ACCESS EXCLUSIVE MODE")
+        # The load reads the (still active) subscription, then waits on the locked balances.
+        in_flight = asyncio.ensure_future(stub.CheckAccess(check()))
+        await asyncio.sleep(0.3)
+        cancelled_at = ACTIVE_AT + timedelta(days=2)
+        event = subscription_event(
+            "subscription.cancelled",
+            timestamp=cancelled_at,
+            product_id=STARTER,
+            status="cancelled",
+            cancelled_at=cancelled_at,
+        )
+        await deliver(webhooks, event)
+        await transaction.rollback()
+    finally:
+        await blocker.close()
+    assert (await in_flight).allowed, "the overtaken load answers with what it read"
+    fresh = await stub.CheckAccess(check())
+    assert (fresh.allowed, fresh.reason) == (False, pb.ACCESS_REASON_SUBSCRIPTION_INACTIVE)
+
+
+async def test_losing_the_invalidation_channel_clears_and_bypasses_the_cache_until_it_is_back(
+    webhooks: WebhookPoster,
+    stub: pb_grpc.EntitlementServiceAsyncStub,
+    service: Running,
+    database_url: str,
+    clock: FakeClock,
+) -> None:
+    clock.set(ACTIVE_AT + timedelta(days=1))
+    await deliver(webhooks, subscription_event("subscription.active", timestamp=ACTIVE_AT))
+    await wait_listening(service)
+    await asyncio.sleep(0.2)  # let the delivery's own notice arrive and settle
+    assert (await stub.CheckAccess(check())).allowed
+    assert len(service.cache) == 1
+
+    admin = await asyncpg.connect(plain_url(database_url))
+    try:
+        killed = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = $1",
+            LISTENER_NAME,
+        )
+    finally:
+        await admin.close()
+    assert killed == 1
+    for _ in range(100):
+        if not service.cache.listening:
+            break
+        await asyncio.sleep(0.01)
+    assert len(service.cache) == 0, "whatever was cached may miss notices now"
+    assert (await stub.CheckAccess(check())).allowed
+    assert len(service.cache) == 0, "nothing is cached while notices cannot arrive"
+
+    await wait_listening(service)  # it reconnects by itself
+    assert (await stub.CheckAccess(check())).allowed
+    assert len(service.cache) == 1
