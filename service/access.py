@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import Context, Decimal
 
 from service.catalog import Catalog
 from service.domain import AccessDecision, AccessReason, FeatureDecision, FeatureKind, SubscriptionState
 
 _INACTIVE = AccessDecision(False, AccessReason.SUBSCRIPTION_INACTIVE)
+# Credit amounts reach 38 digits; the default decimal context (28) would round the sum.
+_EXACT = Context(prec=100)
 _HOLD_STATUSES = frozenset({"on_hold", "past_due"})
 
 
@@ -127,7 +129,7 @@ def feature_access(
         limit = plan.limits.get(feature, 0) if plan is not None else 0
     if not decision.allowed:
         return FeatureDecision(False, decision.reason, kind, sub, limit=limit, balance=balance)
-    if kind is FeatureKind.CREDIT and balance is not None and balance + overage_headroom <= 0:
+    if kind is FeatureKind.CREDIT and balance is not None and _EXACT.add(balance, overage_headroom) <= 0:
         return FeatureDecision(
             False, AccessReason.CREDITS_EXHAUSTED, kind, sub, decision.access_ends_at, balance=balance
         )

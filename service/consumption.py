@@ -133,12 +133,15 @@ class CreditService:
         if not request.idempotency_key:
             raise InvalidArgument("idempotency_key is required")
         customer = await self.cache.get(request.customer_id)
-        decision = access.feature_access(customer.subscriptions, self.catalog, request.credit, self.clock())
+        now = self.clock()
+        decision = access.feature_access(customer.subscriptions, self.catalog, request.credit, now)
         pending = _Pending(
             request=request,
             amount=amount,
             fingerprint=credits.fingerprint(request.credit, amount, request.description, request.metadata),
-            overage_limit=credits.overage_limit(self.catalog.credits[request.credit], customer.subscriptions),
+            overage_limit=credits.overage_limit(
+                self.catalog.credits[request.credit], customer.subscriptions, self.catalog, now
+            ),
             denied=None if decision.allowed else decision.reason,
             future=asyncio.get_running_loop().create_future(),
         )

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Context, Decimal
 
+from service import access
 from service.catalog import Catalog, CreditDef
 from service.domain import Account, Grant, SubscriptionState
 from service.errors import InvalidArgument
@@ -173,13 +174,16 @@ def fingerprint(credit_key: str, amount: Decimal, description: str, metadata: Ma
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def overage_limit(definition: CreditDef, subs: Iterable[SubscriptionState]) -> Decimal:
-    """The catalog's limit, raised by Dodo's cart settings for a Dodo-linked credit."""
+def overage_limit(definition: CreditDef, subs: Iterable[SubscriptionState], catalog: Catalog, now: datetime) -> Decimal:
+    """The catalog's limit, raised by Dodo's cart settings for a Dodo-linked credit, as carried by subscriptions
+    that grant access right now (a cancelled subscription's cart raises nothing)."""
     limit = definition.overage_limit
     linked = definition.dodo_credit_entitlement_id
     if linked is None:
         return limit
     for sub in subs:
+        if not access.decide(sub, catalog, now).allowed:
+            continue
         for item in sub.credit_cart:
             if item.credit_entitlement_id == linked and item.overage_enabled and item.overage_limit is not None:
                 limit = max(limit, item.overage_limit)

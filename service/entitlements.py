@@ -47,7 +47,7 @@ class EntitlementReader:
             return access.feature_access(subs, self.catalog, feature, now)
         account = customer.accounts.get(feature)
         balance = credits.effective_balance(account, now) if account is not None else Decimal(0)
-        headroom = credits.overage_limit(self.catalog.credits[feature], subs)
+        headroom = credits.overage_limit(self.catalog.credits[feature], subs, self.catalog, now)
         return access.feature_access(subs, self.catalog, feature, now, balance=balance, overage_headroom=headroom)
 
     async def get_subscription(self, *, subscription_id: str = "", customer_id: str = "") -> SubscriptionView:

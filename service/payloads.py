@@ -54,10 +54,12 @@ def _str(data: Mapping[str, Any], key: str, *, required: bool = False) -> str:
     return ""
 
 
-def _int(data: Mapping[str, Any], key: str, default: int = 0) -> int:
+def _int(data: Mapping[str, Any], key: str, default: int = 0, *, limit: int = 2**31 - 1) -> int:
     value = data.get(key)
     if isinstance(value, bool) or not isinstance(value, int):
         return default
+    if not -limit <= value <= limit:
+        raise MalformedPayload(f"data.{key} is out of range")
     return value
 
 
@@ -108,7 +110,8 @@ def parse_subscription(data: Mapping[str, Any]) -> SubscriptionState:
         status=_str(data, "status", required=True),
         quantity=_int(data, "quantity", 1),
         created_at=parse_time(data.get("created_at"), "data.created_at"),
-        trial_period_days=_int(data, "trial_period_days"),
+        # Bounded so that created_at + trial stays a representable date.
+        trial_period_days=_int(data, "trial_period_days", limit=100_000),
         previous_billing_date=optional_time(data.get("previous_billing_date"), "data.previous_billing_date"),
         next_billing_date=optional_time(data.get("next_billing_date"), "data.next_billing_date"),
         cancel_at_next_billing_date=data.get("cancel_at_next_billing_date") is True,
@@ -118,7 +121,7 @@ def parse_subscription(data: Mapping[str, Any]) -> SubscriptionState:
         customer_email=_str(customer, "email"),
         customer_name=_str(customer, "name"),
         currency=_str(data, "currency"),
-        recurring_pre_tax_amount=_int(data, "recurring_pre_tax_amount"),
+        recurring_pre_tax_amount=_int(data, "recurring_pre_tax_amount", limit=2**63 - 1),
         payment_frequency_count=_int(data, "payment_frequency_count"),
         payment_frequency_interval=_str(data, "payment_frequency_interval"),
         scheduled_change=_scheduled(data.get("scheduled_change")),

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from service.catalog import Catalog
@@ -31,6 +31,7 @@ from service.dodo import (
 from service.domain import SubscriptionView
 from service.entitlements import EntitlementReader
 from service.errors import (
+    DomainError,
     FailedPrecondition,
     IdempotencyKeyReused,
     Internal,
@@ -136,13 +137,18 @@ class PlanChanger:
             await self._release(key, error, attempt)
             raise
 
-    async def _attempt(self, change: PlanChange, attempt: _Attempt, *, retrying: bool) -> PlanChangeResult:
+    async def _read(self, subscription_id: str) -> tuple[dict[str, Any], datetime]:
+        """Dodo's current state and the time just before it was asked: the snapshot is at least that new."""
+        asked_at = self.clock()
         with dodo_errors():
-            current = await self.dodo.get_subscription(change.subscription_id)
+            return await self.dodo.get_subscription(subscription_id), asked_at
+
+    async def _attempt(self, change: PlanChange, attempt: _Attempt, *, retrying: bool) -> PlanChangeResult:
+        current, asked_at = await self._read(change.subscription_id)
         quantity = change.quantity or int(current.get("quantity") or 1)
         if retrying and took_effect(current, change, quantity):
             log.info("plan_change.already_applied", extra={"subscription_id": change.subscription_id})
-            return await self._complete(change, current)
+            return await self._complete(change, current, asked_at)
         _check_changeable(current, change, quantity)
         attempt.dispatched = True
         with dodo_errors():
@@ -158,32 +164,40 @@ class PlanChanger:
         attempt.accepted = True
         log.info("plan_change.accepted", extra={"subscription_id": change.subscription_id})
         try:
-            with dodo_errors():
-                after = await self.dodo.get_subscription(change.subscription_id)
+            after, asked_at = await self._read(change.subscription_id)
         except (Unavailable, NotFound):
             # Accepted but unreadable right now: the plan_changed webhook or reconciliation brings the state.
+            try:
+                view = await self._local_view(change.subscription_id)
+            except NotFound:
+                # Not stored here yet either: NOT_FOUND (now and on every replay) would say the change failed.
+                # Leave the outcome unresolved instead, so a retry with this key reads Dodo again and completes
+                # without sending the change twice.
+                attempt.accepted = False
+                raise Unavailable(
+                    "Dodo accepted the plan change but its new state could not be read yet; "
+                    "retry with the same idempotency key"
+                ) from None
             async with self.db.tx() as connection:
                 await PlanChangeRepository(connection).finish(change.idempotency_key, "completed")
-            return PlanChangeResult(await self._local_view(change.subscription_id))
-        return await self._complete(change, after)
+            return PlanChangeResult(view)
+        return await self._complete(change, after, asked_at)
 
-    async def _complete(self, change: PlanChange, data: dict[str, Any]) -> PlanChangeResult:
-        now = self.clock()
+    async def _complete(self, change: PlanChange, data: dict[str, Any], asked_at: datetime) -> PlanChangeResult:
         async with self.db.tx() as connection:
-            outcome = await apply_snapshot(connection, self.catalog, data, now, refreshed_at=now)
+            outcome = await apply_snapshot(connection, self.catalog, data, asked_at, refreshed_at=self.clock())
             await PlanChangeRepository(connection).finish(change.idempotency_key, "completed")
         # The caller's next CheckAccess on this replica must see the new plan, not wait for the notice.
         self.reader.cache.invalidate(outcome.current.customer_id)
         return PlanChangeResult(await self._local_view(change.subscription_id))
 
     async def _release(self, key: str, error: BaseException, attempt: _Attempt) -> None:
-        """After a failed attempt: keep the key unresolved whenever Dodo may have applied it, else free it."""
-        if attempt.accepted:
-            status = "completed"  # Dodo said yes; only our bookkeeping after it failed
-        elif attempt.dispatched and (not isinstance(error, DodoUnreachable) or error.outcome_unknown):
-            status = "unknown"
-        else:
-            status = ""
+        """After a failed attempt: keep the key unresolved whenever Dodo may have applied the change (the next attempt
+        reads Dodo first and completes without sending it again); free it after a definite refusal."""
+        refused = isinstance(error, DomainError) and not isinstance(error, Unavailable)
+        never_arrived = isinstance(error, DodoUnreachable) and not error.outcome_unknown
+        maybe_applied = attempt.accepted or (attempt.dispatched and not refused and not never_arrived)
+        status = "unknown" if maybe_applied else ""
         try:
             async with self.db.tx() as connection:
                 repository = PlanChangeRepository(connection)

@@ -27,6 +27,8 @@ log = logging.getLogger("entitlements.reconcile")
 class StalePolicy:
     renewal_margin: timedelta = timedelta(hours=6)
     refresh_after: timedelta = timedelta(days=7)
+    # A subscription fetched this recently is not fetched again, whatever it looks like.
+    recheck_after: timedelta = timedelta(hours=1)
 
 
 @dataclass
@@ -62,11 +64,14 @@ class RateLimiter:
 
 _STALE = """
 SELECT subscription_id FROM subscriptions
-WHERE (status = 'active' AND next_billing_date < $1::timestamptz - $2::interval)
-   OR status IN ('on_hold', 'past_due')
-   OR (cancel_at_next_billing_date AND next_billing_date < $1 AND status <> 'cancelled')
-   OR (last_event_at < $1::timestamptz - $3::interval
-       AND (refreshed_at IS NULL OR refreshed_at < $1::timestamptz - $3::interval))
+WHERE (
+        (status = 'active' AND next_billing_date < $1::timestamptz - $2::interval)
+     OR status IN ('on_hold', 'past_due')
+     OR (cancel_at_next_billing_date AND next_billing_date < $1 AND status = 'active')
+     OR last_event_at < $1::timestamptz - $3::interval
+  )
+  -- Asked Dodo recently and it still says so: no point asking again on every pass.
+  AND (refreshed_at IS NULL OR refreshed_at < $1::timestamptz - $4::interval)
 ORDER BY subscription_id
 """
 
@@ -76,7 +81,7 @@ async def stale_ids(db: Database, now: datetime, policy: StalePolicy) -> list[st
     in payment trouble (Dodo moves these on and we must not miss it); a scheduled cancellation past its end that
     never arrived; or nothing heard, from webhooks or from Dodo itself, for a long time."""
     async with db.connection() as connection:
-        rows = await connection.fetch(_STALE, now, policy.renewal_margin, policy.refresh_after)
+        rows = await connection.fetch(_STALE, now, policy.renewal_margin, policy.refresh_after, policy.recheck_after)
     return [row["subscription_id"] for row in rows]
 
 
@@ -99,6 +104,7 @@ async def reconcile(
     for subscription_id in ids:
         await limiter.wait()
         report.checked += 1
+        asked_at = clock()  # the snapshot holds every change up to here
         try:
             data = await dodo.get_subscription(subscription_id)
         except DodoNotFound:
@@ -109,9 +115,14 @@ async def reconcile(
             log.warning("reconcile.fetch_failed", extra={"subscription_id": subscription_id, "why": error.message})
             report.failed.append(subscription_id)
             continue
-        now = clock()
-        async with db.tx() as connection:
-            outcome = await apply_snapshot(connection, catalog, data, now, refreshed_at=now)
+        try:
+            async with db.tx() as connection:
+                outcome = await apply_snapshot(connection, catalog, data, asked_at, refreshed_at=clock())
+        except Exception:
+            # One unreadable or unstorable subscription must not stall every one after it, pass after pass.
+            log.exception("reconcile.apply_failed", extra={"subscription_id": subscription_id})
+            report.failed.append(subscription_id)
+            continue
         before, after = outcome.previous, outcome.current
         if outcome.applied and (before is None or _summary(before) != _summary(after)):
             report.changed.append(subscription_id)

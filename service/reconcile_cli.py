@@ -18,6 +18,7 @@ def stale_policy(settings: Settings) -> StalePolicy:
     return StalePolicy(
         renewal_margin=timedelta(hours=settings.reconcile_renewal_margin_hours),
         refresh_after=timedelta(days=settings.reconcile_refresh_days),
+        recheck_after=timedelta(minutes=settings.reconcile_recheck_minutes),
     )
 
 

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     reconcile_rate_per_minute: int = Field(90, alias="ENTITLEMENTS_RECONCILE_RATE_PER_MINUTE", ge=1)
     reconcile_renewal_margin_hours: float = Field(6.0, alias="ENTITLEMENTS_RECONCILE_RENEWAL_MARGIN_HOURS", ge=0)
     reconcile_refresh_days: float = Field(7.0, alias="ENTITLEMENTS_RECONCILE_REFRESH_DAYS", gt=0)
+    reconcile_recheck_minutes: float = Field(60.0, alias="ENTITLEMENTS_RECONCILE_RECHECK_MINUTES", ge=0)
 
     @field_validator("database_url")
     @classmethod

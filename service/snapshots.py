@@ -26,18 +26,15 @@ class SnapshotOutcome:
 
 
 def merge(
-    current: SubscriptionState | None, incoming: SubscriptionState, event_at: datetime, *, fetched: bool = False
+    current: SubscriptionState | None, incoming: SubscriptionState, event_at: datetime
 ) -> SubscriptionState | None:
     """The state to store, or None when the incoming snapshot is older than what is applied.
 
-    A snapshot `fetched` from Dodo's API at `event_at` is its current state: it always applies, and never moves
-    the ordering mark backwards (an event stamped after it but delivered later is still newer).
+    `event_at` is the envelope time of a webhook, or for a snapshot fetched from Dodo's API the time just before
+    it was asked for: either way no change later than `event_at` is missing from it.
     """
-    last = current.last_event_at if current is not None else None
-    if last is not None and event_at < last:
-        if not fetched:
-            return None
-        event_at = last
+    if current is not None and current.last_event_at is not None and event_at < current.last_event_at:
+        return None
     return replace(incoming, on_hold_since=_hold_since(current, incoming.status, event_at), last_event_at=event_at)
 
 
@@ -65,7 +62,7 @@ async def apply_snapshot(
     incoming = parse_subscription(data)
     repository = SubscriptionRepository(connection)
     current = await repository.lock(incoming.subscription_id)
-    merged = merge(current, incoming, event_at, fetched=refreshed_at is not None)
+    merged = merge(current, incoming, event_at)
     if merged is None:
         assert current is not None
         return SnapshotOutcome(False, current, current)

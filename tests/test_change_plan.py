@@ -25,7 +25,7 @@ from service.dodo import DodoGateway
 from service.server import start
 from storage.engine import Database
 from storage.models import PlanChangeRequest
-from tests.conftest import BearerToken, make_settings
+from tests.conftest import DODO_API_KEY, BearerToken, make_settings
 from tests.fakedodo import ADDON_EXTRA_PROJECTS, ADDON_EXTRA_SEAT, FakeDodo, RecordedRequest
 from tests.support import (
     API_TOKEN,
@@ -704,4 +704,82 @@ async def test_concurrent_calls_with_one_key_send_at_most_one_change_plan_reques
         assert error.code() == grpc.StatusCode.UNAVAILABLE  # "in progress, retry": safe to retry
     fake_dodo.latency = 0.0
     assert (await stub.ChangePlan(request)).replayed
+    assert len(change_plan_requests(fake_dodo)) == 1
+
+
+async def test_a_caller_that_gives_up_mid_change_can_retry_without_the_change_being_sent_twice(
+    fake_dodo: FakeDodo, stub: Stub
+) -> None:
+    sub = fake_dodo.add_subscription()
+    fake_dodo.apply_then_fail(timeout=True)  # Dodo applies it, then answers slower than the caller waits
+    request = change(sub["subscription_id"], TEAM, key="order-15")
+
+    gave_up = await rpc_error(stub.ChangePlan(request, timeout=0.4))
+    assert gave_up.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    async def retry() -> pb.ChangePlanResponse:
+        for _ in range(30):  # the abandoned attempt may still hold the key for a moment
+            try:
+                return await stub.ChangePlan(request)
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                await asyncio.sleep(0.1)
+        return await stub.ChangePlan(request)
+
+    retried = await retry()
+    assert retried.subscription.product_id == TEAM
+    assert len(change_plan_requests(fake_dodo)) == 1
+
+
+class ReadBackFails(DodoGateway):
+    """The real gateway, except that the subscription cannot be read right after a change-plan Dodo accepted."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.just_changed = False
+
+    async def change_plan(self, subscription_id: str, **kwargs: Any) -> None:
+        await super().change_plan(subscription_id, **kwargs)
+        self.just_changed = True
+
+    async def get_subscription(self, subscription_id: str) -> dict[str, Any]:
+        if self.just_changed:
+            self.just_changed = False
+            await super().get_subscription("sub_0Nn0Nn0Nn0Nn0Nn0Nn0Nn")  # a real 404 from Dodo
+        return await super().get_subscription(subscription_id)
+
+
+async def test_an_accepted_change_whose_new_state_cannot_be_read_succeeds_and_replays(
+    database_url: str, fake_dodo: FakeDodo, webhooks: WebhookPoster, clock: FakeClock, catalog: Catalog
+) -> None:
+    await pro_customer(webhooks, fake_dodo)
+    gateway = ReadBackFails(DODO_API_KEY, fake_dodo.base_url, timeout=1.0, read_max_retries=0)
+    request = change(SUB_ID, TEAM, key="order-16")
+
+    async with service_with_gateway(database_url, clock, catalog, gateway) as stub:
+        first = await stub.ChangePlan(request)
+        second = await stub.ChangePlan(request)
+
+    # What is known here is shown; the plan_changed webhook (or reconciliation) brings the rest.
+    assert first.subscription.subscription_id == SUB_ID
+    assert (first.replayed, second.replayed) == (False, True)
+    assert len(change_plan_requests(fake_dodo)) == 1
+
+
+async def test_an_accepted_change_unreadable_and_not_yet_stored_is_unavailable_and_a_retry_completes_it(
+    database_url: str, db: Database, fake_dodo: FakeDodo, clock: FakeClock, catalog: Catalog
+) -> None:
+    sub = fake_dodo.add_subscription()  # no webhook about it has arrived yet
+    gateway = ReadBackFails(DODO_API_KEY, fake_dodo.base_url, timeout=1.0, read_max_retries=0)
+    request = change(sub["subscription_id"], TEAM, key="order-17")
+
+    async with service_with_gateway(database_url, clock, catalog, gateway) as stub:
+        error = await rpc_error(stub.ChangePlan(request))
+        retried = await stub.ChangePlan(request)
+
+    # Never NOT_FOUND: the subscription exists and the change was made.
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "same idempotency key" in (error.details() or "")
+    assert retried.subscription.product_id == TEAM
     assert len(change_plan_requests(fake_dodo)) == 1

@@ -24,6 +24,7 @@ from sqlalchemy import text
 from service.catalog import EXAMPLE_CATALOG, Catalog, parse_catalog
 from storage.engine import Database
 from tests.support import (
+    API_CALLS_ENTITLEMENT,
     CUSTOMER_ID,
     PRO,
     STARTER,
@@ -354,6 +355,20 @@ async def test_a_replay_answers_the_original_result_even_after_access_is_lost(
     assert (replay.entry_id, replay.balance_after, replay.replayed) == (first.entry_id, "9995", True)
 
 
+async def test_a_replay_or_a_reused_key_after_the_period_ended_writes_nothing(
+    webhooks: WebhookPoster, stub: Stub, clock: FakeClock, db: Database
+) -> None:
+    await activate(webhooks)
+    first = await stub.ConsumeCredits(consume_request("5", "k1"))
+    clock.set(PERIOD_END + timedelta(days=1))  # the grant has expired, but nothing has written that down yet
+    replay = await stub.ConsumeCredits(consume_request("5", "k1"))
+    assert (replay.entry_id, replay.balance_after, replay.replayed) == (first.entry_id, "9995", True)
+    error = await rpc_error(stub.ConsumeCredits(consume_request("6", "k1")))
+    assert_error(error, grpc.StatusCode.FAILED_PRECONDITION, "IDEMPOTENCY_KEY_REUSED", entry_id=first.entry_id)
+    assert [e.kind for e in await whole_ledger(stub)] == ["consumption", "plan_grant"]
+    assert (await stored_account(db, CUSTOMER_ID, "ai_tokens")).balance == Decimal(9995)
+
+
 # --- overage --------------------------------------------------------------------------------------------------------
 
 
@@ -612,7 +627,7 @@ async def test_credit_balance_low_is_recorded_and_changes_no_balance(
             "payload_type": "CreditBalanceLow",
             "customer_id": CUSTOMER_ID,
             "subscription_id": SUB_ID,
-            "credit_entitlement_id": "cent_7Dk2Mq8Wx5Lp3Zr9Tv1Nb",
+            "credit_entitlement_id": API_CALLS_ENTITLEMENT,
             "credit_entitlement_name": "API Calls",
             "available_balance": "150",
             "threshold_amount": "200",

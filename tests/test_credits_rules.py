@@ -3,6 +3,7 @@ idempotency fingerprints. Pure functions of data and an instant: no I/O, no cloc
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -330,7 +331,7 @@ def test_fingerprint_tells_apart_38_digit_amounts_that_differ_in_the_last_digit(
 def test_overage_limit_of_a_plan_credit_is_the_catalogs() -> None:
     catalog = catalog_with_plan()
     cart = (CartCredit(LINKED, True, Decimal(900)),)
-    assert credits.overage_limit(catalog.credits["ai_tokens"], [sub(cart=cart)]) == Decimal(0)
+    assert credits.overage_limit(catalog.credits["ai_tokens"], [sub(cart=cart)], catalog, NOW) == Decimal(0)
 
 
 @pytest.mark.parametrize(
@@ -348,7 +349,13 @@ def test_overage_limit_of_a_dodo_credit_is_raised_by_an_enabled_cart_limit(
     cart: tuple[CartCredit, ...], limit: str
 ) -> None:
     definition = CreditDef("api_calls", LINKED, Decimal(100))
-    assert credits.overage_limit(definition, [sub(cart=cart)]) == Decimal(limit)
+    assert credits.overage_limit(definition, [sub(cart=cart)], catalog_with_plan(), NOW) == Decimal(limit)
+
+
+def test_overage_limit_ignores_the_cart_of_a_subscription_that_no_longer_grants_access() -> None:
+    definition = CreditDef("api_calls", LINKED, Decimal(100))
+    cancelled = replace(sub(cart=(CartCredit(LINKED, True, Decimal(500)),)), status="cancelled")
+    assert credits.overage_limit(definition, [cancelled], catalog_with_plan(), NOW) == Decimal(100)
 
 
 def test_plan_grants_give_the_plan_credits_for_the_period_expiring_at_its_end_unless_rollover() -> None:

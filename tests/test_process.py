@@ -221,6 +221,7 @@ async def check_access_blocked_on_a_locked_table(
     async def read_is_blocked() -> bool:
         waiting = await locker.fetchval(
             "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'subscriptions'::regclass"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         )
         return bool(waiting)
 

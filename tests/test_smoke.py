@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from entitlements.v1 import entitlements_pb2 as pb
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
+
 from tests.support import CUSTOMER_ID, WebhookPoster, load_event
 
 

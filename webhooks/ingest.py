@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
+
+import asyncpg
 
 from service.catalog import Catalog
 from service.credit_grants import apply_dodo_ledger_entry
+from service.errors import MalformedPayload
 from service.snapshots import apply_snapshot
 from storage.engine import Connection, Database
 from storage.repositories.inbox import InboxRepository
@@ -37,21 +41,22 @@ async def ingest(
     """Store and apply one delivery; `on_change(customer_id)` runs after the commit for each customer whose
     entitlements it changed (other replicas learn it from the notice the commit sends)."""
     try:
-        async with db.tx() as connection:
-            outcome, subject, customers = await _handle(connection, catalog, event)
-            # Last, so the row goes in with its outcome in the same round trip; a twin delivery running
-            # concurrently waits here on the unique index and then rolls its (identical) work back.
-            stored = await InboxRepository(connection).record(
-                webhook_id=event.webhook_id,
-                event_type=event.type,
-                event_timestamp=event.timestamp,
-                business_id=event.business_id,
-                payload=event.body,
-                status=outcome.value,
-                subject_id=subject,
-            )
-            if not stored:
-                raise _AlreadyStored
+        with _storable():
+            async with db.tx() as connection:
+                outcome, subject, customers = await _handle(connection, catalog, event)
+                # Last, so the row goes in with its outcome in the same round trip; a twin delivery running
+                # concurrently waits here on the unique index and then rolls its (identical) work back.
+                stored = await InboxRepository(connection).record(
+                    webhook_id=event.webhook_id,
+                    event_type=event.type,
+                    event_timestamp=event.timestamp,
+                    business_id=event.business_id,
+                    payload=event.body,
+                    status=outcome.value,
+                    subject_id=subject,
+                )
+                if not stored:
+                    raise _AlreadyStored
     except _AlreadyStored:
         outcome, customers = Outcome.DUPLICATE, ()
     if on_change is not None:
@@ -59,6 +64,16 @@ async def ingest(
             on_change(customer_id)
     log.info("webhook.%s", outcome.value, extra={"webhook_id": event.webhook_id, "type": event.type})
     return outcome
+
+
+@contextmanager
+def _storable() -> Iterator[None]:
+    """Values Postgres refuses (a NUL character in text, a number beyond its column) make the delivery malformed:
+    400, nothing stored; as a 500 Dodo would retry it for a day and a half to the same end."""
+    try:
+        yield
+    except asyncpg.DataError as error:
+        raise MalformedPayload(f"the event holds a value that cannot be stored ({error.sqlstate})") from None
 
 
 def _text(value: Any) -> str | None:
