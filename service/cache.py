@@ -22,8 +22,8 @@ import asyncpg
 
 from service.domain import CustomerEntitlements
 from storage.engine import Database
+from storage.repositories.changes import CHANGES_CHANNEL
 from storage.repositories.customers import load_customer
-from storage.repositories.subscriptions import CHANGES_CHANNEL
 
 log = logging.getLogger("entitlements.cache")
 

@@ -21,6 +21,7 @@ import asyncpg
 from service import access, credits
 from service.cache import EntitlementCache
 from service.catalog import Catalog
+from service.change_feed import ChangeFeed
 from service.clock import Clock
 from service.domain import AccessReason, Account, FeatureKind
 from service.errors import DomainError, IdempotencyKeyReused, InsufficientCredits, InvalidArgument, PermissionDenied
@@ -107,6 +108,7 @@ class CreditService:
         catalog: Catalog,
         clock: Clock,
         cache: EntitlementCache,
+        changes: ChangeFeed | None = None,
         *,
         shards: int = 4,
         max_batch: int = 256,
@@ -115,6 +117,7 @@ class CreditService:
         self.catalog = catalog
         self.clock = clock
         self.cache = cache
+        self.changes = changes or ChangeFeed(db, cache)
         self.max_batch = max_batch
         self._shards = [_Shard() for _ in range(shards)]
 
@@ -178,8 +181,7 @@ class CreditService:
                 if isinstance(error, Exception):
                     return
                 raise
-        for customer_id in {p.request.customer_id for p in batch}:
-            self.cache.invalidate(customer_id)
+        self.changes.committed(*{p.request.customer_id for p in batch})
         for pending, outcome in zip(batch, outcomes, strict=True):
             if pending.future.done():
                 continue

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from service.catalog import Catalog
+from service.change_feed import ChangeFeed
 from service.clock import Clock
 from service.dodo import (
     DodoAuthError,
@@ -93,6 +94,7 @@ class PlanChanger:
         clock: Clock,
         dodo: DodoGateway,
         reader: EntitlementReader,
+        changes: ChangeFeed,
         *,
         lease: timedelta = timedelta(seconds=60),
     ) -> None:
@@ -101,6 +103,7 @@ class PlanChanger:
         self.clock = clock
         self.dodo = dodo
         self.reader = reader
+        self.changes = changes
         self.lease = lease
 
     def _validate(self, change: PlanChange) -> None:
@@ -187,8 +190,8 @@ class PlanChanger:
         async with self.db.tx() as connection:
             outcome = await apply_snapshot(connection, self.catalog, data, asked_at, refreshed_at=self.clock())
             await PlanChangeRepository(connection).finish(change.idempotency_key, "completed")
-        # The caller's next CheckAccess on this replica must see the new plan, not wait for the notice.
-        self.reader.cache.invalidate(outcome.current.customer_id)
+        # The caller's next CheckAccess must see the new plan at once, not after the notice comes round.
+        self.changes.committed(outcome.current.customer_id)
         return PlanChangeResult(await self._local_view(change.subscription_id))
 
     async def _release(self, key: str, error: BaseException, attempt: _Attempt) -> None:

@@ -99,6 +99,7 @@ async def reconcile(
     catalog: Catalog,
     clock: Clock,
     limiter: RateLimiter,
+    on_change: Callable[[str], None] | None = None,
 ) -> ReconcileReport:
     report = ReconcileReport()
     for subscription_id in ids:
@@ -124,6 +125,8 @@ async def reconcile(
             report.failed.append(subscription_id)
             continue
         before, after = outcome.previous, outcome.current
+        if outcome.applied and on_change is not None:
+            on_change(after.customer_id)
         if outcome.applied and (before is None or _summary(before) != _summary(after)):
             report.changed.append(subscription_id)
             log.info(
@@ -160,13 +163,16 @@ async def reconcile_forever(
     clock: Clock,
     limiter: RateLimiter,
     policy: StalePolicy,
+    on_change: Callable[[str], None] | None = None,
 ) -> None:
     """The background loop of `serve`: the stale set every `interval` seconds, until cancelled."""
     while True:
         try:
             ids = await stale_ids(db, clock(), policy)
             if ids:
-                report = await reconcile(ids, db=db, dodo=dodo, catalog=catalog, clock=clock, limiter=limiter)
+                report = await reconcile(
+                    ids, db=db, dodo=dodo, catalog=catalog, clock=clock, limiter=limiter, on_change=on_change
+                )
                 log.info(
                     "reconcile.pass",
                     extra={"checked": report.checked, "changed": len(report.changed), "failed": len(report.failed)},

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 from service.catalog import load_catalog
+from service.change_feed import ChangeFeed
 from service.clock import utc_now
 from service.dodo import DodoGateway
 from service.reconcile import RateLimiter, StalePolicy, all_ids, reconcile, stale_ids
@@ -41,6 +42,8 @@ async def run_reconcile(settings: Settings, *, subscriptions: Sequence[str] | No
             clock=utc_now,
             limiter=RateLimiter(settings.reconcile_rate_per_minute),
         )
+        # Serving replicas sweep the change feed every second anyway; publishing here makes it immediate.
+        await ChangeFeed(db).publish()
     finally:
         await dodo.close()
         await db.close()

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.cache import EntitlementCache
 from service.catalog import Catalog, load_catalog
+from service.change_feed import ChangeFeed
 from service.clock import Clock, utc_now
 from service.consumption import CreditService
 from service.dodo import DodoGateway
@@ -48,6 +49,7 @@ class Running:
     http_port: int
     db: Database
     cache: EntitlementCache
+    changes: ChangeFeed
     dodo: DodoGateway
     health: health.aio.HealthServicer
     lifecycle: Lifecycle
@@ -64,6 +66,7 @@ class Running:
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace)
         await self.http_runner.cleanup()
+        await self.changes.stop()
         await self.cache.stop()
         await self.dodo.close()
         await self.db.close()
@@ -83,17 +86,19 @@ async def start(
     db = db or Database.from_url(settings.require_database(), pool_size=settings.db_pool_size)
     cache = EntitlementCache(db, max_customers=settings.cache_max_customers)
     await cache.start()
+    changes = ChangeFeed(db, cache)
+    await changes.start()
     reader = EntitlementReader(db, catalog, clock, cache)
 
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(settings.api_tokens), ErrorInterceptor()],
         options=[("grpc.so_reuseport", 0)],
     )
-    credit_service = CreditService(db, catalog, clock, cache)
+    credit_service = CreditService(db, catalog, clock, cache, changes)
     dodo = dodo or DodoGateway(
         settings.dodo_payments_api_key, settings.dodo_payments_base_url, settings.dodo_timeout_seconds
     )
-    plans = PlanChanger(db, catalog, clock, dodo, reader)
+    plans = PlanChanger(db, catalog, clock, dodo, reader, changes)
     pb_grpc.add_EntitlementServiceServicer_to_server(EntitlementServicer(reader, credit_service, plans), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -110,7 +115,7 @@ async def start(
 
     lifecycle = Lifecycle()
     runner = web.AppRunner(
-        create_app(db=db, catalog=catalog, verifier=verifier, lifecycle=lifecycle, on_change=cache.invalidate),
+        create_app(db=db, catalog=catalog, verifier=verifier, lifecycle=lifecycle, on_change=changes.committed),
         access_log=None,
     )
     await runner.setup()
@@ -119,7 +124,9 @@ async def start(
     await site.start()
     http_port = runner.addresses[0][1]
     log.info("server.started", extra={"grpc_port": grpc_port, "http_port": http_port})
-    running = Running(server, grpc_port, runner, http_port, db, cache, dodo, health_servicer, lifecycle, catalog)
+    running = Running(
+        server, grpc_port, runner, http_port, db, cache, changes, dodo, health_servicer, lifecycle, catalog
+    )
     if settings.reconcile_interval_seconds > 0:
         loop = reconcile_forever(
             interval=settings.reconcile_interval_seconds,
@@ -129,6 +136,7 @@ async def start(
             clock=clock,
             limiter=RateLimiter(settings.reconcile_rate_per_minute),
             policy=stale_policy(settings),
+            on_change=changes.committed,
         )
         running.background.append(asyncio.create_task(loop, name="reconcile"))
     return running

@@ -175,3 +175,15 @@ class PlanChangeRequest(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class EntitlementChange(Base):
+    """The change feed (see storage/repositories/changes.py). Unlogged: after a Postgres crash it is empty, but
+    every replica's listener was cut too, and a cut listener clears its cache."""
+
+    __tablename__ = "entitlement_changes"
+    __table_args__ = {"prefixes": ["UNLOGGED"]}  # noqa: RUF012
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    customer_id: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())

@@ -12,9 +12,8 @@ from typing import Any
 from service.credits import Entry
 from service.domain import Account, Grant
 from storage.engine import Connection
-from storage.repositories.subscriptions import CHANGES_CHANNEL
 
-# Balances, grants, ledger rows and the change notification in one statement (one round trip per write).
+# Balances, grants, ledger rows and the change-feed rows in one statement (one round trip per write).
 _SAVE = """
 WITH account AS (
     UPDATE credit_balances AS b
@@ -22,6 +21,8 @@ WITH account AS (
     FROM unnest($1::text[], $2::text[], $3::numeric[], $4::text[]) AS v(customer_id, credit, balance, grants)
     WHERE b.customer_id = v.customer_id AND b.credit = v.credit
     RETURNING 1
+), changed AS (
+    INSERT INTO entitlement_changes (customer_id) SELECT DISTINCT unnest($1::text[]) RETURNING 1
 ), ledger AS (
     INSERT INTO credit_ledger (
         entry_id, customer_id, credit, amount, balance_after, kind, source, idempotency_key, fingerprint,
@@ -36,7 +37,7 @@ WITH account AS (
     RETURNING created_at
 )
 SELECT (SELECT count(*) FROM account), (SELECT max(created_at) FROM ledger),
-       (SELECT count(pg_notify($17, c)) FROM (SELECT DISTINCT unnest($1::text[]) AS c) AS changed)
+       (SELECT count(*) FROM changed)
 """
 
 _ENTRY_COLUMNS = ", ".join(
@@ -133,7 +134,6 @@ class CreditRepository:
             [e.dodo_entry_id for e in entries],
             [e.description for e in entries],
             [_json_text(dict(e.metadata)) for e in entries],
-            CHANGES_CHANNEL,
         )
 
     async def by_idempotency_keys(self, customer_keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Entry]:

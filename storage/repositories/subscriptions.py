@@ -10,8 +10,6 @@ from typing import Any
 from service.domain import Addon, CartCredit, ScheduledChange, SubscriptionState
 from storage.engine import Connection
 
-CHANGES_CHANNEL = "entitlements_changed"
-
 _COLUMNS = (
     "subscription_id, customer_id, product_id, status, quantity, currency, recurring_pre_tax_amount, "
     "payment_frequency_count, payment_frequency_interval, trial_period_days, dodo_created_at, "
@@ -21,7 +19,7 @@ _COLUMNS = (
 )
 SELECT_SUBSCRIPTIONS = f"SELECT {_COLUMNS} FROM subscriptions"
 
-# One statement writes the customer, the subscription and the change notification (delivered at commit).
+# One statement writes the customer, the subscription and the change-feed row for every replica's cache.
 _UPSERT = """
 WITH customer AS (
     INSERT INTO customers (customer_id, email, name) VALUES ($2, $24, $25)
@@ -50,8 +48,10 @@ WITH customer AS (
         last_event_at = EXCLUDED.last_event_at, payload = EXCLUDED.payload, metadata = EXCLUDED.metadata,
         refreshed_at = coalesce(EXCLUDED.refreshed_at, subscriptions.refreshed_at), updated_at = now()
     RETURNING updated_at
+), changed AS (
+    INSERT INTO entitlement_changes (customer_id) SELECT DISTINCT unnest(ARRAY[$2, $27]::text[])
 )
-SELECT (SELECT updated_at FROM saved), pg_notify($27, $2), pg_notify($27, $28)
+SELECT updated_at FROM saved
 """
 
 
@@ -113,13 +113,8 @@ class SubscriptionRepository:
             state.customer_email,
             state.customer_name,
             refreshed_at,
-            CHANGES_CHANNEL,
             previous_customer_id or state.customer_id,
         )
-
-    async def notify_changed(self, customer_id: str) -> None:
-        """Tell every replica's cache, at commit, that this customer's entitlements changed."""
-        await self.connection.execute("SELECT pg_notify($1, $2)", CHANGES_CHANNEL, customer_id)
 
 
 def _cart_json(item: CartCredit) -> dict[str, Any]:

@@ -1,0 +1,75 @@
+"""After a write commits: forget the changed customers in this process's cache at once, and have the other
+replicas forget them too.
+
+Write transactions record the changed customers in the `entitlement_changes` table (atomically with the change);
+the publisher here turns committed rows into Postgres notices in its own small transactions, right after a local
+commit and, as a sweep, every second (rows written by another process, such as the reconcile CLI, or left by a
+process that died between its commit and its publish).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from service.cache import EntitlementCache
+from storage.engine import Database
+from storage.errors import is_database_unavailable
+from storage.repositories.changes import publish_changes
+
+log = logging.getLogger("entitlements.changes")
+
+_BATCH = 1000
+
+
+class ChangeFeed:
+    def __init__(self, db: Database, cache: EntitlementCache | None = None, *, sweep_interval: float = 1.0) -> None:
+        self.db = db
+        self.cache = cache
+        self.sweep_interval = sweep_interval
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def committed(self, *customer_ids: str) -> None:
+        if self.cache is not None:
+            for customer_id in customer_ids:
+                self.cache.invalidate(customer_id)
+        if customer_ids:
+            self._wake.set()
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="entitlement-change-publisher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def publish(self) -> int:
+        """Publish everything committed so far; returns how many change rows went out."""
+        total = 0
+        while True:
+            async with self.db.connection() as connection:
+                sent = await publish_changes(connection, _BATCH)
+            total += sent
+            if sent < _BATCH:
+                return total
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.sweep_interval)
+            self._wake.clear()
+            try:
+                await self.publish()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                if not is_database_unavailable(error):
+                    log.exception("changes.publish_failed")
+                # Rows stay in the table; the next wake-up or sweep sends them.
+                await asyncio.sleep(self.sweep_interval)
