@@ -50,16 +50,15 @@ async def grant_for_period(
     repository = CreditRepository(connection)
     written: list[credits.Entry] = []
     for grant in due:
-        claimed = await repository.claim_period_grant(
+        account = await repository.claim_period_grant(
             subscription_id=sub.subscription_id,
             credit=grant.credit,
             period_start=grant.period_start,
             customer_id=sub.customer_id,
             amount=grant.amount,
         )
-        if not claimed:
+        if account is None:
             continue
-        account = await repository.lock(sub.customer_id, grant.credit)
         account, expired = credits.expire(account, at)
         source = f"{sub.subscription_id}@{grant.period_start.isoformat()}"
         account, entry = credits.credit(

@@ -63,14 +63,17 @@ async def apply_snapshot(
     repository = SubscriptionRepository(connection)
     current = await repository.lock(incoming.subscription_id)
     merged = merge(current, incoming, event_at)
+    if current is None and merged is not None:
+        if await repository.save(merged, data, refreshed_at=refreshed_at, insert=True):
+            await grant_for_period(connection, catalog, None, merged, event_at)
+            return SnapshotOutcome(True, None, merged)
+        # A concurrent first delivery of this subscription committed first: merge onto what it stored.
+        current = await repository.lock(incoming.subscription_id)
+        merged = merge(current, incoming, event_at)
     if merged is None:
         assert current is not None
         return SnapshotOutcome(False, current, current)
-    await repository.save(
-        merged,
-        data,
-        refreshed_at=refreshed_at,
-        previous_customer_id=current.customer_id if current is not None else None,
-    )
+    assert current is not None
+    await repository.save(merged, data, refreshed_at=refreshed_at, previous_customer_id=current.customer_id)
     await grant_for_period(connection, catalog, current, merged, event_at)
     return SnapshotOutcome(True, current, merged)

@@ -156,11 +156,21 @@ class CreditRepository:
 
     async def claim_period_grant(
         self, *, subscription_id: str, credit: str, period_start: datetime, customer_id: str, amount: Decimal
-    ) -> bool:
-        claimed = await self.connection.fetchval(
+    ) -> Account | None:
+        """Claim the plan grant of one (subscription, credit, period) and lock its account, in one round trip.
+        None when it was claimed before: each period's grant is given once."""
+        row = await self.connection.fetchrow(
             """
-            INSERT INTO credit_period_grants (subscription_id, credit, period_start, customer_id, amount)
-            VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING 1
+            WITH claim AS (
+                INSERT INTO credit_period_grants (subscription_id, credit, period_start, customer_id, amount)
+                VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING
+                RETURNING customer_id, credit
+            )
+            INSERT INTO credit_balances AS b (customer_id, credit)
+            SELECT customer_id, credit FROM claim
+            -- A no-op update: it takes the row lock and returns the latest committed balance and grants.
+            ON CONFLICT (customer_id, credit) DO UPDATE SET updated_at = b.updated_at
+            RETURNING b.customer_id, b.credit, b.balance, b.grants
             """,
             subscription_id,
             credit,
@@ -168,7 +178,7 @@ class CreditRepository:
             customer_id,
             amount,
         )
-        return claimed is not None
+        return None if row is None else _account(row)
 
     async def page(self, customer_id: str, credit: str, *, before_id: int | None, limit: int) -> list[StoredEntry]:
         """Newest first; `before_id` is the keyset cursor (exclusive)."""

@@ -20,7 +20,7 @@ _COLUMNS = (
 SELECT_SUBSCRIPTIONS = f"SELECT {_COLUMNS} FROM subscriptions"
 
 # One statement writes the customer, the subscription and the change-feed row for every replica's cache.
-_UPSERT = """
+_WRITE = """
 WITH customer AS (
     INSERT INTO customers (customer_id, email, name) VALUES ($2, $24, $25)
     ON CONFLICT (customer_id) DO UPDATE SET email = EXCLUDED.email, name = EXCLUDED.name, updated_at = now()
@@ -32,8 +32,16 @@ WITH customer AS (
         past_due_ends_at, on_hold_since, scheduled_change, credit_entitlement_cart, addons, last_event_at,
         payload, refreshed_at, metadata
     ) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22,
-              $23, $26, coalesce($23::jsonb->'metadata', '{}'::jsonb))
-    ON CONFLICT (subscription_id) DO UPDATE SET
+              $23, $26, coalesce($23::jsonb->'metadata', '{{}}'::jsonb))
+    ON CONFLICT (subscription_id) {on_conflict}
+    RETURNING 1
+), changed AS (
+    INSERT INTO entitlement_changes (customer_id) SELECT DISTINCT unnest(ARRAY[$2, $27]::text[])
+)
+SELECT count(*) FROM saved
+"""
+
+_UPDATE_ON_CONFLICT = """DO UPDATE SET
         customer_id = EXCLUDED.customer_id, product_id = EXCLUDED.product_id, status = EXCLUDED.status,
         quantity = EXCLUDED.quantity, currency = EXCLUDED.currency,
         recurring_pre_tax_amount = EXCLUDED.recurring_pre_tax_amount,
@@ -46,13 +54,10 @@ WITH customer AS (
         on_hold_since = EXCLUDED.on_hold_since, scheduled_change = EXCLUDED.scheduled_change,
         credit_entitlement_cart = EXCLUDED.credit_entitlement_cart, addons = EXCLUDED.addons,
         last_event_at = EXCLUDED.last_event_at, payload = EXCLUDED.payload, metadata = EXCLUDED.metadata,
-        refreshed_at = coalesce(EXCLUDED.refreshed_at, subscriptions.refreshed_at), updated_at = now()
-    RETURNING updated_at
-), changed AS (
-    INSERT INTO entitlement_changes (customer_id) SELECT DISTINCT unnest(ARRAY[$2, $27]::text[])
-)
-SELECT updated_at FROM saved
-"""
+        refreshed_at = coalesce(EXCLUDED.refreshed_at, subscriptions.refreshed_at), updated_at = now()"""
+
+_INSERT = _WRITE.format(on_conflict="DO NOTHING")
+_UPSERT = _WRITE.format(on_conflict=_UPDATE_ON_CONFLICT)
 
 
 class SubscriptionRepository:
@@ -60,11 +65,23 @@ class SubscriptionRepository:
         self.connection = connection
 
     async def lock(self, subscription_id: str) -> SubscriptionState | None:
-        """Serialize writers of one subscription (even its very first insert) until the transaction ends."""
-        await self.connection.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"subscription:{subscription_id}"
+        """The stored subscription under a row lock held until the transaction ends.
+
+        A subscription not stored yet has no row to lock: first deliveries then serialize on an advisory lock of
+        its id. Without that, two first deliveries could deadlock inside their write statements (each statement
+        writes the subscription and its customer, in an order Postgres does not promise)."""
+        row = await self._select_for_update(subscription_id)
+        if row is None:
+            await self.connection.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"subscription:{subscription_id}"
+            )
+            row = await self._select_for_update(subscription_id)
+        return None if row is None else to_state(row)
+
+    async def _select_for_update(self, subscription_id: str) -> Any:
+        return await self.connection.fetchrow(
+            f"{SELECT_SUBSCRIPTIONS} WHERE subscription_id = $1 FOR UPDATE", subscription_id
         )
-        return await self.get(subscription_id)
 
     async def get(self, subscription_id: str) -> SubscriptionState | None:
         row = await self.connection.fetchrow(f"{SELECT_SUBSCRIPTIONS} WHERE subscription_id = $1", subscription_id)
@@ -83,10 +100,13 @@ class SubscriptionRepository:
         *,
         refreshed_at: datetime | None = None,
         previous_customer_id: str | None = None,
-    ) -> None:
-        """Upsert the snapshot and its customer, and notify every replica's cache of both customers involved."""
-        await self.connection.execute(
-            _UPSERT,
+        insert: bool = False,
+    ) -> bool:
+        """Write the snapshot and its customer, and record the change of both customers involved for every
+        replica's cache. With `insert`, only a brand-new row is written: False means a concurrent first delivery
+        inserted it meanwhile (the caller locks that row and merges again)."""
+        written = await self.connection.fetchval(
+            _INSERT if insert else _UPSERT,
             state.subscription_id,
             state.customer_id,
             state.product_id,
@@ -115,6 +135,7 @@ class SubscriptionRepository:
             refreshed_at,
             previous_customer_id or state.customer_id,
         )
+        return bool(written)
 
 
 def _cart_json(item: CartCredit) -> dict[str, Any]:
