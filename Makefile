@@ -73,7 +73,10 @@ test: install lint
 	bash .ci/ensure-postgres
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# h2load (nghttp2-client) is the C load generator for the fixed-body gRPC cases.
 bench: install
+	@command -v h2load >/dev/null && command -v nghttp >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client; }
 	$(PY) -m tests.bench $(BENCH_ARGS)
 
 clean:

@@ -16,17 +16,19 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 
 from service.domain import CustomerEntitlements
-from storage.engine import Database
+from storage.engine import Connection, Database
 from storage.repositories.changes import CHANGES_CHANNEL
 from storage.repositories.customers import load_customer
 
 log = logging.getLogger("entitlements.cache")
 
+Loader = Callable[[Connection, str], Awaitable[CustomerEntitlements]]
 DEFAULT_MAX_CUSTOMERS = 200_000
 LISTENER_NAME = "entitlements-cache-listener"
 
@@ -39,8 +41,10 @@ class EntitlementCache:
         max_customers: int = DEFAULT_MAX_CUSTOMERS,
         reconnect_delay: float = 1.0,
         ping_interval: float = 10.0,
+        loader: Loader = load_customer,
     ) -> None:
         self.db = db
+        self.loader = loader
         self.ping_interval = ping_interval
         self.max_customers = max_customers
         self.reconnect_delay = reconnect_delay
@@ -74,7 +78,7 @@ class EntitlementCache:
         self._loading[customer_id] = self._loading.get(customer_id, 0) + 1
         try:
             async with self.db.connection() as connection:
-                entry = await load_customer(connection, customer_id)
+                entry = await self.loader(connection, customer_id)
             if self._listening and customer_id not in self._dirty:
                 self._entries[customer_id] = entry
                 if len(self._entries) > self.max_customers:

@@ -122,7 +122,8 @@ class Account:
 
 @dataclass(frozen=True, slots=True)
 class CustomerEntitlements:
-    """Everything a decision about one customer reads: what CheckAccess caches per customer."""
+    """Everything a decision about one customer reads: what CheckAccess caches per customer. Its subscriptions
+    carry only the fields the access and credit rules read; its accounts only the grants that expire."""
 
     customer_id: str
     subscriptions: tuple[SubscriptionState, ...] = ()

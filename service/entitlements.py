@@ -59,11 +59,14 @@ class EntitlementReader:
                 accounts = await CreditRepository(connection).accounts(found.customer_id)
             return self.view(found, accounts)
         if customer_id:
-            customer = await self.cache.get(customer_id)
-            relevant = access.most_relevant(customer.subscriptions, self.catalog, self.clock())
-            if relevant is None:
-                raise NotFound(f"customer {customer_id!r} has no subscription")
-            return self.view(relevant, customer.accounts)
+            # Not from the cache: it keeps only what decisions read, and this answer shows everything.
+            async with self.db.connection() as connection:
+                subs = await SubscriptionRepository(connection).for_customer(customer_id)
+                relevant = access.most_relevant(subs, self.catalog, self.clock())
+                if relevant is None:
+                    raise NotFound(f"customer {customer_id!r} has no subscription")
+                accounts = await CreditRepository(connection).accounts(customer_id)
+            return self.view(relevant, accounts)
         raise InvalidArgument("subscription_id or customer_id is required")
 
     def view(self, sub: SubscriptionState, accounts: Mapping[str, Account] | None = None) -> SubscriptionView:

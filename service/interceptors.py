@@ -100,14 +100,24 @@ def status_for(error: DomainError) -> grpc.Status:
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Domain errors become their status (with ErrorInfo); Postgres outages become UNAVAILABLE; the rest INTERNAL."""
 
+    def __init__(self) -> None:
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
+
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
+        # Handlers are fixed per method: wrap each once, not on every call of the hot path.
+        guarded = self._guarded.get(handler_call_details.method)
+        if guarded is None or guarded[0] is not handler:
+            guarded = (handler, self._guard(handler, handler_call_details.method))
+            self._guarded[handler_call_details.method] = guarded
+        return guarded[1]
+
+    def _guard(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
         inner = cast(Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]], handler.unary_unary)
-        method = handler_call_details.method
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:

@@ -8,13 +8,13 @@ asyncpg's CPU) would dominate. SQLAlchemy remains the schema's home (models, Ale
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
@@ -45,9 +45,14 @@ def make_engine(url: str, *, pool_size: int = 2, connect_timeout: float = 5.0) -
     )
 
 
+def _dumps(value: object) -> str:
+    return orjson.dumps(value).decode()
+
+
 async def _init_connection(connection: Connection) -> None:
+    # orjson: several kilobytes of payload go through here per webhook, about five times faster than json.
     for kind in ("json", "jsonb"):
-        await connection.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+        await connection.set_type_codec(kind, encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
 
 
 async def _no_reset(connection: Connection) -> None:

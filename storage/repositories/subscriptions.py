@@ -18,6 +18,10 @@ _COLUMNS = (
     "updated_at, payload->'customer'->>'email' AS customer_email, payload->'customer'->>'name' AS customer_name"
 )
 SELECT_SUBSCRIPTIONS = f"SELECT {_COLUMNS} FROM subscriptions"
+_LOCK = f"""
+SELECT found.* FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 0)), 1 AS go) AS locked
+LEFT JOIN LATERAL ({SELECT_SUBSCRIPTIONS} WHERE subscription_id = $2 AND locked.go = 1 FOR UPDATE) AS found ON true
+"""
 
 # One statement writes the customer, the subscription and the change-feed row for every replica's cache.
 _WRITE = """
@@ -65,23 +69,15 @@ class SubscriptionRepository:
         self.connection = connection
 
     async def lock(self, subscription_id: str) -> SubscriptionState | None:
-        """The stored subscription under a row lock held until the transaction ends.
+        """The stored subscription (None if not stored yet), its writers serialized until the transaction ends.
 
-        A subscription not stored yet has no row to lock: first deliveries then serialize on an advisory lock of
-        its id. Without that, two first deliveries could deadlock inside their write statements (each statement
-        writes the subscription and its customer, in an order Postgres does not promise)."""
-        row = await self._select_for_update(subscription_id)
-        if row is None:
-            await self.connection.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"subscription:{subscription_id}"
-            )
-            row = await self._select_for_update(subscription_id)
-        return None if row is None else to_state(row)
-
-    async def _select_for_update(self, subscription_id: str) -> Any:
-        return await self.connection.fetchrow(
-            f"{SELECT_SUBSCRIPTIONS} WHERE subscription_id = $1 FOR UPDATE", subscription_id
-        )
+        One round trip: an advisory lock of the id, then the row read FOR UPDATE. A subscription not stored yet has
+        no row to lock, and two first deliveries must not deadlock inside their write statements (each writes the
+        subscription and its customer, in an order Postgres does not promise); the advisory lock orders them.
+        A row inserted by the writer we waited for is not in this statement's snapshot: the insert that follows
+        then finds it taken (`save(..., insert=True)` is False) and the caller locks again."""
+        row = await self.connection.fetchrow(_LOCK, f"subscription:{subscription_id}", subscription_id)
+        return None if row is None or row["subscription_id"] is None else to_state(row)
 
     async def get(self, subscription_id: str) -> SubscriptionState | None:
         row = await self.connection.fetchrow(f"{SELECT_SUBSCRIPTIONS} WHERE subscription_id = $1", subscription_id)
