@@ -17,14 +17,15 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
 
 from service.domain import CustomerEntitlements
 from storage.engine import Connection, Database
-from storage.repositories.changes import CHANGES_CHANNEL
-from storage.repositories.customers import load_customer
+from storage.repositories.changes import CHANGES_CHANNEL, CREDITS_SCOPE
+from storage.repositories.customers import load_accounts, load_customer
 
 log = logging.getLogger("entitlements.cache")
 
@@ -65,20 +66,27 @@ class EntitlementCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def get(self, customer_id: str) -> CustomerEntitlements:
+    async def get(self, customer_id: str, *, balances: bool = True) -> CustomerEntitlements:
+        """The customer's snapshot; with `balances=False` its credit balances may be stale (ConsumeCredits reads
+        them under lock anyway, and needs only the subscriptions from here)."""
         entry = self._entries.get(customer_id)
         if entry is not None:
             self._entries.move_to_end(customer_id)
-            self.hits += 1
-            return entry
+            if entry.accounts_loaded or not balances:
+                self.hits += 1
+                return entry
         self.misses += 1
-        return await self._load(customer_id)
+        return await self._load(customer_id, entry)
 
-    async def _load(self, customer_id: str) -> CustomerEntitlements:
+    async def _load(self, customer_id: str, stale: CustomerEntitlements | None) -> CustomerEntitlements:
         self._loading[customer_id] = self._loading.get(customer_id, 0) + 1
         try:
             async with self.db.connection() as connection:
-                entry = await self.loader(connection, customer_id)
+                if stale is None:
+                    entry = await self.loader(connection, customer_id)
+                else:
+                    accounts = await load_accounts(connection, customer_id)
+                    entry = replace(stale, accounts=accounts, accounts_loaded=True)
             if self._listening and customer_id not in self._dirty:
                 self._entries[customer_id] = entry
                 if len(self._entries) > self.max_customers:
@@ -92,8 +100,11 @@ class EntitlementCache:
                 del self._loading[customer_id]
                 self._dirty.discard(customer_id)
 
-    def invalidate(self, customer_id: str) -> None:
-        self._entries.pop(customer_id, None)
+    def invalidate(self, customer_id: str, *, balances_only: bool = False) -> None:
+        """Forget the customer; with `balances_only`, keep its subscriptions and forget only its balances."""
+        entry = self._entries.pop(customer_id, None)
+        if balances_only and entry is not None:
+            self._entries[customer_id] = replace(entry, accounts={}, accounts_loaded=False)
         if customer_id in self._loading:
             self._dirty.add(customer_id)
 
@@ -152,7 +163,8 @@ class EntitlementCache:
         self._listening = value
 
     def _on_notice(self, connection: Any, pid: int, channel: str, payload: object) -> None:
-        self.invalidate(str(payload))
+        scope, _, customer_id = str(payload).partition(":")
+        self.invalidate(customer_id, balances_only=scope == CREDITS_SCOPE)
 
     def _on_terminated(self, connection: Any) -> None:
         self._set_listening(False)

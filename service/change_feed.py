@@ -31,10 +31,10 @@ class ChangeFeed:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def committed(self, *customer_ids: str) -> None:
+    def committed(self, *customer_ids: str, balances_only: bool = False) -> None:
         if self.cache is not None:
             for customer_id in customer_ids:
-                self.cache.invalidate(customer_id)
+                self.cache.invalidate(customer_id, balances_only=balances_only)
         if customer_ids:
             self._wake.set()
 

@@ -128,6 +128,8 @@ class CustomerEntitlements:
     customer_id: str
     subscriptions: tuple[SubscriptionState, ...] = ()
     accounts: dict[str, Account] = field(default_factory=dict)
+    # False once a credit change made the cached balances stale while the subscriptions still hold.
+    accounts_loaded: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,7 +95,7 @@ async def start(
         interceptors=[*([AuthInterceptor(settings.api_tokens)] if settings.api_tokens else []), ErrorInterceptor()],
         options=[("grpc.so_reuseport", 0)],
     )
-    credit_service = CreditService(db, catalog, clock, cache, changes)
+    credit_service = CreditService(db, catalog, clock, cache, changes, shards=settings.credit_writers)
     dodo = dodo or DodoGateway(
         settings.dodo_payments_api_key, settings.dodo_payments_base_url, settings.dodo_timeout_seconds
     )

@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     catalog_path: Path = Field(EXAMPLE_CATALOG, alias="ENTITLEMENTS_CATALOG")
     api_tokens_raw: str = Field("", alias="ENTITLEMENTS_API_TOKENS")
     db_pool_size: int = Field(10, alias="ENTITLEMENTS_DB_POOL_SIZE", ge=1)
+    credit_writers: int = Field(1, alias="ENTITLEMENTS_CREDIT_WRITERS", ge=1)
     cache_max_customers: int = Field(200_000, alias="ENTITLEMENTS_CACHE_MAX_CUSTOMERS", ge=0)
     shutdown_grace_seconds: float = Field(10.0, alias="ENTITLEMENTS_SHUTDOWN_GRACE_SECONDS", ge=0)
     dodo_timeout_seconds: float = Field(15.0, alias="ENTITLEMENTS_DODO_TIMEOUT_SECONDS", gt=0)

@@ -186,4 +186,6 @@ class EntitlementChange(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     customer_id: Mapped[str] = mapped_column(Text)
+    # all | credits (see storage/repositories/changes.py)
+    scope: Mapped[str] = mapped_column(Text, default="all", server_default="all")
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())

@@ -9,7 +9,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -239,3 +239,35 @@ async def test_losing_the_invalidation_channel_clears_and_bypasses_the_cache_unt
     await wait_listening(service)  # it reconnects by itself
     assert (await stub.CheckAccess(check())).allowed
     assert len(service.cache) == 1
+
+
+async def test_a_consumption_through_one_replica_shows_in_the_others_balance_within_100_ms(
+    webhooks: WebhookPoster,
+    stub: pb_grpc.EntitlementServiceAsyncStub,
+    other_replica: _WithToken,
+    clock: FakeClock,
+) -> None:
+    # The other replica reads the wall clock: the period must contain the real now for its grant to count.
+    now = datetime.now(UTC)
+    clock.set(now)
+    event = subscription_event(
+        "subscription.active",
+        timestamp=now - timedelta(hours=1),
+        created_at=now - timedelta(days=1),
+        previous_billing_date=now - timedelta(days=1),
+        next_billing_date=now + timedelta(days=29),
+    )
+    await deliver(webhooks, event)
+    tokens = check(feature="ai_tokens")
+    started = time.monotonic()
+    while (await other_replica.CheckAccess(tokens)).balance != "10000":
+        assert time.monotonic() - started < 0.1, "the grant never showed in the other replica"
+        await asyncio.sleep(0.002)
+    spent = await stub.ConsumeCredits(
+        pb.ConsumeCreditsRequest(customer_id=CUSTOMER_ID, credit="ai_tokens", amount="1.5", idempotency_key="k1")
+    )
+    assert spent.balance_after == "9998.5"
+    committed = time.monotonic()
+    while (await other_replica.CheckAccess(tokens)).balance != "9998.5":
+        assert time.monotonic() - committed < 0.1, "the other replica still shows the old balance"
+        await asyncio.sleep(0.002)

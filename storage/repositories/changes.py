@@ -10,23 +10,20 @@ from __future__ import annotations
 from storage.engine import Connection
 
 CHANGES_CHANNEL = "entitlements_changed"
-
-# For use inside other statements (a data-modifying CTE): $n is a text[] of customer ids.
-RECORD_CHANGES_CTE = "INSERT INTO entitlement_changes (customer_id) SELECT DISTINCT unnest({param}::text[])"
+# Notices read "<scope>:<customer_id>": `all` (subscriptions and balances) or `credits` (balances only, so a
+# consumption leaves the customer's subscriptions cached).
+ALL_SCOPE = "all"
+CREDITS_SCOPE = "credits"
 
 _PUBLISH = """
 WITH sent AS (
     DELETE FROM entitlement_changes
     WHERE id IN (SELECT id FROM entitlement_changes ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
-    RETURNING customer_id
+    RETURNING customer_id, scope
 )
-SELECT count(*) AS rows, count(pg_notify($1, customer_id)) AS notices
-FROM (SELECT DISTINCT customer_id FROM sent) AS changed
+SELECT (SELECT count(*) FROM sent) AS rows, count(pg_notify($1, scope || ':' || customer_id)) AS notices
+FROM (SELECT DISTINCT customer_id, scope FROM sent) AS changed
 """
-
-
-async def record_changes(connection: Connection, customer_ids: list[str]) -> None:
-    await connection.execute(RECORD_CHANGES_CTE.format(param="$1"), customer_ids)
 
 
 async def publish_changes(connection: Connection, limit: int = 1000) -> int:

@@ -22,7 +22,7 @@ WITH account AS (
     WHERE b.customer_id = v.customer_id AND b.credit = v.credit
     RETURNING 1
 ), changed AS (
-    INSERT INTO entitlement_changes (customer_id) SELECT DISTINCT unnest($1::text[]) RETURNING 1
+    INSERT INTO entitlement_changes (customer_id, scope) SELECT DISTINCT unnest($1::text[]), 'credits' RETURNING 1
 ), ledger AS (
     INSERT INTO credit_ledger (
         entry_id, customer_id, credit, amount, balance_after, kind, source, idempotency_key, fingerprint,

@@ -25,6 +25,17 @@ SELECT
 """
 
 
+_LOAD_ACCOUNTS = """
+SELECT coalesce(json_agg(json_build_array(credit, balance::text, grants)), '[]')::text
+FROM credit_balances WHERE customer_id = $1
+"""
+
+
+async def load_accounts(connection: Connection, customer_id: str) -> dict[str, Account]:
+    loaded = await connection.fetchval(_LOAD_ACCOUNTS, customer_id)
+    return {item[0]: _account(customer_id, item) for item in orjson.loads(loaded)}
+
+
 async def load_customer(connection: Connection, customer_id: str) -> CustomerEntitlements:
     row = await connection.fetchrow(_LOAD, customer_id)
     assert row is not None

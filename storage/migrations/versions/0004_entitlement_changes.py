@@ -21,6 +21,7 @@ def upgrade() -> None:
         "entitlement_changes",
         sa.Column("id", sa.BigInteger(), autoincrement=True, nullable=False),
         sa.Column("customer_id", sa.Text(), nullable=False),
+        sa.Column("scope", sa.Text(), server_default="all", nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_entitlement_changes")),
         prefixes=["UNLOGGED"],
