@@ -153,8 +153,8 @@ class CreditService:
         shard.queue.append(pending)
         if shard.worker is None:
             shard.worker = asyncio.create_task(self._drain(shard), name="credits-batch")
-        # Shielded: a caller that goes away must not cancel a batch other callers are waiting on.
-        return await asyncio.shield(pending.future)
+        # A caller that goes away cancels only its own future; the batch runs in its own task and skips it.
+        return await pending.future
 
     async def _drain(self, shard: _Shard) -> None:
         try:

@@ -8,13 +8,14 @@ balance is positive the grants' remaining amounts add up to it; in overage (bala
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Context, Decimal
+
+import orjson
 
 from service import access
 from service.catalog import Catalog, CreditDef
@@ -161,17 +162,16 @@ def consume(account: Account, amount: Decimal, overage_limit: Decimal) -> tuple[
 
 def fingerprint(credit_key: str, amount: Decimal, description: str, metadata: Mapping[str, str]) -> str:
     """What "the same parameters" means for an idempotency key."""
-    canonical = json.dumps(
+    canonical = orjson.dumps(
         {
             "credit": credit_key,
             "amount": format(amount.normalize(MATH), "f"),
             "description": description,
-            "metadata": dict(sorted(metadata.items())),
+            "metadata": dict(metadata),
         },
-        sort_keys=True,
-        separators=(",", ":"),
+        option=orjson.OPT_SORT_KEYS,
     )
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(canonical).hexdigest()
 
 
 def overage_limit(definition: CreditDef, subs: Iterable[SubscriptionState], catalog: Catalog, now: datetime) -> Decimal:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
+
+import orjson
 
 from service.credits import Entry
 from service.domain import Account, Grant
@@ -197,7 +198,7 @@ class CreditRepository:
 
 
 def _json_text(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    return orjson.dumps(value).decode()
 
 
 def grants_json(grants: tuple[Grant, ...]) -> str:
