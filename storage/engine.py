@@ -121,6 +121,3 @@ class Database:
         if self._pool is not None:
             await self._pool.close()
         await self.engine.dispose()
-
-    # Older name of `session`, still used by tests written against it.
-    transaction = session

@@ -217,7 +217,7 @@ class StoredAccount:
 
 
 async def stored_account(db: Database, customer_id: str, credit: str) -> StoredAccount:
-    async with db.transaction() as session:
+    async with db.session() as session:
         row = (
             await session.execute(
                 text("SELECT balance, grants FROM credit_balances WHERE customer_id = :c AND credit = :k"),

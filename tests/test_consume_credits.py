@@ -456,7 +456,7 @@ async def test_plan_grant_is_given_once_per_period_and_again_when_previous_billi
         ("consumption", "-2500"),
         ("plan_grant", "10000"),
     ]
-    async with db.transaction() as session:
+    async with db.session() as session:
         periods = (await session.execute(text("SELECT period_start FROM credit_period_grants ORDER BY 1"))).scalars()
         assert list(periods) == [CREATED, PERIOD_END]
 
@@ -646,7 +646,7 @@ async def test_a_ledger_entry_of_an_entitlement_the_catalog_does_not_mirror_is_o
     await activate(webhooks)
     event = credit_ledger_event(entry_id="cle_other", amount="50", entitlement="cent_not_in_catalog")
     assert await webhooks.send(event) == (200, {"status": "recorded"})
-    async with db.transaction() as session:
+    async with db.session() as session:
         assert await session.scalar(text("SELECT count(*) FROM credit_ledger WHERE kind <> 'plan_grant'")) == 0
 
 
@@ -695,7 +695,7 @@ async def test_a_consumption_whose_ledger_write_fails_leaves_balance_ledger_and_
     webhooks: WebhookPoster, stub: Stub, db: Database
 ) -> None:
     await activate(webhooks)
-    async with db.transaction() as session:
+    async with db.session() as session:
         await session.execute(
             text(
                 "CREATE FUNCTION refuse_ledger_row() RETURNS trigger LANGUAGE plpgsql AS $$ "
@@ -714,7 +714,7 @@ async def test_a_consumption_whose_ledger_write_fails_leaves_balance_ledger_and_
         account = await stored_account(db, CUSTOMER_ID, "ai_tokens")
         assert (account.balance, account.grants_remaining, account.ledger_rows) == (Decimal(10000), Decimal(10000), 1)
     finally:
-        async with db.transaction() as session:
+        async with db.session() as session:
             await session.execute(text("DROP TRIGGER refuse_ledger_row ON credit_ledger"))
             await session.execute(text("DROP FUNCTION refuse_ledger_row()"))
     retried = await stub.ConsumeCredits(consume_request("40", "k1", description="fail"))

@@ -124,7 +124,7 @@ async def test_thirty_concurrent_calls_with_one_key_have_one_effect(
     assert Counter(r.replayed for r in ok) == {True: 29, False: 1}
     assert {(r.entry_id, r.balance_after) for r in ok} == {(ok[0].entry_id, "975")}
     assert await assert_consistent(db, "ai_tokens") == Decimal(975)
-    async with db.transaction() as session:
+    async with db.session() as session:
         rows = await session.scalar(text("SELECT count(*) FROM credit_ledger WHERE idempotency_key = 'one-key'"))
     assert rows == 1
 
@@ -213,7 +213,7 @@ async def test_consumption_concurrent_with_a_period_renewal_keeps_the_ledger_and
     assert renewed == "applied"
     assert len(successes(consumed)) == 30
     balance = await assert_consistent(db, "ai_tokens")
-    async with db.transaction() as session:
+    async with db.session() as session:
         kinds = list(
             (
                 await session.execute(

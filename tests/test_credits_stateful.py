@@ -176,7 +176,7 @@ class CreditMachine(RuleBasedStateMachine):
 
     async def _start(self) -> None:
         db = Database.from_url(self.database_url, pool_size=4)
-        async with db.transaction() as session:
+        async with db.session() as session:
             await session.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
         self.running = await start(make_settings(self.database_url), clock=self.clock, catalog=self.catalog, db=db)
         self.channel = grpc.aio.insecure_channel(
@@ -436,7 +436,7 @@ class CreditMachine(RuleBasedStateMachine):
 
     @staticmethod
     async def _keyed_rows(db: Database) -> dict[str, str]:
-        async with db.transaction() as session:
+        async with db.session() as session:
             result = await session.execute(
                 text("SELECT entry_id, idempotency_key FROM credit_ledger WHERE idempotency_key IS NOT NULL")
             )
