@@ -56,11 +56,6 @@ class PermissionDenied(DomainError):
     http_status = 403
 
 
-class Unauthenticated(DomainError):
-    grpc_code = grpc.StatusCode.UNAUTHENTICATED
-    http_status = 401
-
-
 class Unavailable(DomainError):
     """A dependency (Postgres, Dodo) is unreachable: safe to retry."""
 
