@@ -87,6 +87,7 @@ class SubscriptionState:
     expires_at: datetime | None = None
     past_due_ends_at: datetime | None = None
     on_hold_since: datetime | None = None
+    hold_cleared_at: datetime | None = None
     customer_email: str = ""
     customer_name: str = ""
     currency: str = ""

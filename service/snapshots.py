@@ -23,6 +23,8 @@ class SnapshotOutcome:
     applied: bool
     previous: SubscriptionState | None
     current: SubscriptionState
+    # A stale event that only moved the grace start back to the first event of the hold episode.
+    hold_moved: bool = False
 
 
 def merge(
@@ -35,7 +37,30 @@ def merge(
     """
     if current is not None and current.last_event_at is not None and event_at < current.last_event_at:
         return None
-    return replace(incoming, on_hold_since=_hold_since(current, incoming.status, event_at), last_event_at=event_at)
+    cleared = current.hold_cleared_at if current is not None else None
+    return replace(
+        incoming,
+        on_hold_since=_hold_since(current, incoming.status, event_at),
+        hold_cleared_at=cleared if incoming.status in _HOLD else event_at,
+        last_event_at=event_at,
+    )
+
+
+def earlier_hold_start(current: SubscriptionState, status: str, event_at: datetime) -> datetime | None:
+    """For a stale event: the earlier start of the current hold episode it proves, if any.
+
+    Dodo does not deliver in order, so the first on_hold event can arrive after a later one. Grace runs from the
+    first, unless an applied event between them showed the subscription out of trouble (then they are two
+    episodes). A past_due episode and the on_hold that follows it are separate, as when delivered in order."""
+    since = current.on_hold_since
+    if since is None or event_at >= since or status != current.status or status not in _HOLD:
+        return None
+    if current.hold_cleared_at is not None and event_at <= current.hold_cleared_at:
+        return None
+    return event_at
+
+
+_HOLD = frozenset({"on_hold", "past_due"})
 
 
 def _hold_since(current: SubscriptionState | None, status: str, event_at: datetime) -> datetime | None:
@@ -72,7 +97,11 @@ async def apply_snapshot(
         merged = merge(current, incoming, event_at)
     if merged is None:
         assert current is not None
-        return SnapshotOutcome(False, current, current)
+        since = earlier_hold_start(current, incoming.status, event_at)
+        if since is None:
+            return SnapshotOutcome(False, current, current)
+        await repository.move_hold_start(current.subscription_id, current.customer_id, since)
+        return SnapshotOutcome(False, current, replace(current, on_hold_since=since), hold_moved=True)
     assert current is not None
     await repository.save(merged, data, refreshed_at=refreshed_at, previous_customer_id=current.customer_id)
     await grant_for_period(connection, catalog, current, merged, event_at)

@@ -60,6 +60,9 @@ class Subscription(Base):
     past_due_ends_at: Mapped[datetime | None] = mapped_column(Timestamp)
     # Envelope time of the first event that showed the current on_hold/past_due episode.
     on_hold_since: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Envelope time of the newest applied event that showed the subscription out of payment trouble: an older
+    # on_hold event delivered late may move on_hold_since back, but never across this.
+    hold_cleared_at: Mapped[datetime | None] = mapped_column(Timestamp)
     scheduled_change: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     credit_entitlement_cart: Mapped[list[Any]] = mapped_column(JSONB, default=list, server_default="[]")
     addons: Mapped[list[Any]] = mapped_column(JSONB, default=list, server_default="[]")

@@ -43,8 +43,8 @@ async def fresh_database_url(server_url: str) -> AsyncIterator[str]:
 
 
 async def public_relations(url: str) -> dict[str, str]:
-    """Every table, index, sequence and view in the public schema, and every type defined there (name → kind),
-    leaving out Alembic's own bookkeeping table."""
+    """Every table, index, sequence and view in the public schema, every column (table.column → its type) and
+    every type defined there (name → kind), leaving out Alembic's own bookkeeping table."""
     connection = await asyncpg.connect(plain_url(url))
     try:
         rows = await connection.fetch(
@@ -55,6 +55,9 @@ async def public_relations(url: str) -> dict[str, str]:
             UNION ALL
             SELECT t.typname, 'type' FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
             WHERE n.nspname = 'public' AND t.typtype IN ('e', 'd', 'c') AND t.typrelid = 0
+            UNION ALL
+            SELECT table_name || '.' || column_name, data_type FROM information_schema.columns
+            WHERE table_schema = 'public'
             """
         )
         return {row["name"]: row["kind"] for row in rows if "alembic_version" not in row["name"]}

@@ -173,6 +173,37 @@ async def test_a_recovery_ends_the_hold_and_the_next_hold_starts_a_new_grace(
     assert response.access_ends_at.ToDatetime(tzinfo=UTC) == HOLD_AT + 2 * DAY + PRO_GRACE
 
 
+async def test_a_late_first_on_hold_event_moves_the_grace_start_back_without_regressing_state(
+    webhooks: WebhookPoster, stub: pb_grpc.EntitlementServiceAsyncStub, clock: FakeClock
+) -> None:
+    """Dodo delivers out of order: the on_hold event of T1 arrives after a later one of T1 + 20 h. Grace still runs
+    from T1, the first event that showed on_hold, and the late event is kept as stale."""
+    later = HOLD_AT + timedelta(hours=20)
+    assert await webhooks.send(on_hold(later)) == (200, {"status": "applied"})
+    clock.set(later + timedelta(hours=1))
+    assert (await dashboard(stub)).access_ends_at.ToDatetime(tzinfo=UTC) == later + PRO_GRACE
+
+    assert await webhooks.send(on_hold(HOLD_AT)) == (200, {"status": "stale"})
+    response = await dashboard(stub)
+    assert (response.allowed, response.reason) == (True, pb.ACCESS_REASON_GRACE_PERIOD)
+    assert response.access_ends_at.ToDatetime(tzinfo=UTC) == HOLD_AT + PRO_GRACE
+    clock.set(HOLD_AT + PRO_GRACE)
+    assert (await dashboard(stub)).reason == pb.ACCESS_REASON_SUBSCRIPTION_INACTIVE
+
+
+async def test_a_late_on_hold_event_from_before_a_known_recovery_does_not_move_the_grace_start(
+    webhooks: WebhookPoster, stub: pb_grpc.EntitlementServiceAsyncStub, clock: FakeClock
+) -> None:
+    recovered = subscription_event("subscription.renewed", timestamp=HOLD_AT + DAY, base="subscription_renewed")
+    for event in (recovered, on_hold(HOLD_AT + 2 * DAY)):
+        assert await webhooks.send(event) == (200, {"status": "applied"})
+    # An on_hold from before the recovery belongs to an earlier episode.
+    assert await webhooks.send(on_hold(HOLD_AT)) == (200, {"status": "stale"})
+    clock.set(HOLD_AT + 2 * DAY + timedelta(hours=1))
+    response = await dashboard(stub)
+    assert response.access_ends_at.ToDatetime(tzinfo=UTC) == HOLD_AT + 2 * DAY + PRO_GRACE
+
+
 async def test_envelope_without_timestamp_is_ordered_by_the_signed_header_time(
     webhooks: WebhookPoster, db: Database, stub: pb_grpc.EntitlementServiceAsyncStub
 ) -> None:

@@ -88,7 +88,8 @@ async def _handle(
     if event.type in SUBSCRIPTION_EVENTS:
         result = await apply_snapshot(connection, catalog, event.data, event.timestamp)
         if not result.applied:
-            return Outcome.STALE, result.current.subscription_id, ()
+            moved = (result.current.customer_id,) if result.hold_moved else ()
+            return Outcome.STALE, result.current.subscription_id, moved
         customers = {result.current.customer_id}
         if result.previous is not None:
             customers.add(result.previous.customer_id)

@@ -14,7 +14,8 @@ _COLUMNS = (
     "subscription_id, customer_id, product_id, status, quantity, currency, recurring_pre_tax_amount, "
     "payment_frequency_count, payment_frequency_interval, trial_period_days, dodo_created_at, "
     "previous_billing_date, next_billing_date, cancel_at_next_billing_date, cancelled_at, expires_at, "
-    "past_due_ends_at, on_hold_since, scheduled_change, credit_entitlement_cart, addons, last_event_at, "
+    "past_due_ends_at, on_hold_since, hold_cleared_at, scheduled_change, credit_entitlement_cart, addons, "
+    "last_event_at, "
     "updated_at, payload->'customer'->>'email' AS customer_email, payload->'customer'->>'name' AS customer_name"
 )
 SELECT_SUBSCRIPTIONS = f"SELECT {_COLUMNS} FROM subscriptions"
@@ -34,9 +35,9 @@ WITH customer AS (
         payment_frequency_count, payment_frequency_interval, trial_period_days, dodo_created_at,
         previous_billing_date, next_billing_date, cancel_at_next_billing_date, cancelled_at, expires_at,
         past_due_ends_at, on_hold_since, scheduled_change, credit_entitlement_cart, addons, last_event_at,
-        payload, refreshed_at, metadata
+        payload, refreshed_at, metadata, hold_cleared_at
     ) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22,
-              $23, $26, coalesce($23::jsonb->'metadata', '{{}}'::jsonb))
+              $23, $26, coalesce($23::jsonb->'metadata', '{{}}'::jsonb), $28)
     ON CONFLICT (subscription_id) {on_conflict}
     RETURNING 1
 ), changed AS (
@@ -55,7 +56,8 @@ _UPDATE_ON_CONFLICT = """DO UPDATE SET
         previous_billing_date = EXCLUDED.previous_billing_date, next_billing_date = EXCLUDED.next_billing_date,
         cancel_at_next_billing_date = EXCLUDED.cancel_at_next_billing_date, cancelled_at = EXCLUDED.cancelled_at,
         expires_at = EXCLUDED.expires_at, past_due_ends_at = EXCLUDED.past_due_ends_at,
-        on_hold_since = EXCLUDED.on_hold_since, scheduled_change = EXCLUDED.scheduled_change,
+        on_hold_since = EXCLUDED.on_hold_since, hold_cleared_at = EXCLUDED.hold_cleared_at,
+        scheduled_change = EXCLUDED.scheduled_change,
         credit_entitlement_cart = EXCLUDED.credit_entitlement_cart, addons = EXCLUDED.addons,
         last_event_at = EXCLUDED.last_event_at, payload = EXCLUDED.payload, metadata = EXCLUDED.metadata,
         refreshed_at = coalesce(EXCLUDED.refreshed_at, subscriptions.refreshed_at), updated_at = now()"""
@@ -130,8 +132,23 @@ class SubscriptionRepository:
             state.customer_name,
             refreshed_at,
             previous_customer_id or state.customer_id,
+            state.hold_cleared_at,
         )
         return bool(written)
+
+    async def move_hold_start(self, subscription_id: str, customer_id: str, since: datetime) -> None:
+        """Only the grace start moves (to an earlier event of the same episode); nothing else regresses."""
+        await self.connection.execute(
+            """
+            WITH moved AS (
+                UPDATE subscriptions SET on_hold_since = $2, updated_at = now() WHERE subscription_id = $1
+            )
+            INSERT INTO entitlement_changes (customer_id) VALUES ($3)
+            """,
+            subscription_id,
+            since,
+            customer_id,
+        )
 
 
 def _cart_json(item: CartCredit) -> dict[str, Any]:
@@ -165,6 +182,7 @@ def to_state(row: Any) -> SubscriptionState:
         expires_at=row["expires_at"],
         past_due_ends_at=row["past_due_ends_at"],
         on_hold_since=row["on_hold_since"],
+        hold_cleared_at=row["hold_cleared_at"],
         customer_email=row["customer_email"] or "",
         customer_name=row["customer_name"] or "",
         currency=row["currency"],
