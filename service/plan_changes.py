@@ -169,21 +169,12 @@ class PlanChanger:
         try:
             after, asked_at = await self._read(change.subscription_id)
         except (Unavailable, NotFound):
-            # Accepted but unreadable right now: the plan_changed webhook or reconciliation brings the state.
-            try:
-                view = await self._local_view(change.subscription_id)
-            except NotFound:
-                # Not stored here yet either: NOT_FOUND (now and on every replay) would say the change failed.
-                # Leave the outcome unresolved instead, so a retry with this key reads Dodo again and completes
-                # without sending the change twice.
-                attempt.accepted = False
-                raise Unavailable(
-                    "Dodo accepted the plan change but its new state could not be read yet; "
-                    "retry with the same idempotency key"
-                ) from None
-            async with self.db.tx() as connection:
-                await PlanChangeRepository(connection).finish(change.idempotency_key, "completed")
-            return PlanChangeResult(view)
+            # Accepted, but entitlements cannot move before the new state is read: say so. The key stays
+            # unresolved, so the retry reads Dodo, sees the change and completes without sending it again.
+            raise Unavailable(
+                "Dodo accepted the plan change but its new state could not be read yet; "
+                "retry with the same idempotency key"
+            ) from None
         return await self._complete(change, after, asked_at)
 
     async def _complete(self, change: PlanChange, data: dict[str, Any], asked_at: datetime) -> PlanChangeResult:
