@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from service.logs import configure as configure_logging
 from service.settings import Settings
 
 
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--stale", action="store_true", help="those whose local state may be out of date")
     which.add_argument("--all", action="store_true", help="every stored subscription")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(logging.INFO)
     settings = Settings()
 
     if args.command == "migrate":
