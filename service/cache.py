@@ -1,9 +1,10 @@
 """A bounded in-process cache of per-customer entitlement snapshots, invalidated across replicas by Postgres
 LISTEN/NOTIFY.
 
-Every write path notifies `entitlements_changed` with the customer id inside its transaction, so the notice is
-delivered exactly when the change commits. Snapshots hold raw state, never decisions: expiry is a comparison made
-at check time, so a cached snapshot stays time-correct however long it lives.
+Every write path records the changed customers in the change feed inside its transaction; after the commit the
+writer's own process forgets them at once and the publisher (service/change_feed.py) sends the notice on
+`entitlements_changed` that makes every other replica forget them. Snapshots hold raw state, never decisions:
+expiry is a comparison made at check time, so a cached snapshot stays time-correct however long it lives.
 
 Two races are closed here. A load that read the database before a change committed must not be cached after that
 change's notice arrived: loads in flight for a customer are marked dirty by a notice and then not cached. And while
