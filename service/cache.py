@@ -23,6 +23,7 @@ from typing import Any
 
 import asyncpg
 
+from service.background import stop_task
 from service.domain import CustomerEntitlements
 from storage.engine import Connection, Database
 from storage.repositories.changes import CHANGES_CHANNEL, CREDITS_SCOPE
@@ -119,11 +120,8 @@ class EntitlementCache:
             self._task = asyncio.create_task(self._listen_forever(), name="entitlement-cache-listener")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         await self._close_listener()
 
     async def _listen_forever(self) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 
+from service.background import stop_task
 from service.cache import EntitlementCache
 from storage.engine import Database
 from storage.errors import is_database_unavailable
@@ -43,11 +44,8 @@ class ChangeFeed:
             self._task = asyncio.create_task(self._run(), name="entitlement-change-publisher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     async def publish(self) -> int:
         """Publish everything committed so far; returns how many change rows went out."""
