@@ -63,8 +63,8 @@ migrate: install
 # DATABASE_URL unset: an embedded PostgreSQL under .data/ (started once, reused by later runs).
 run: install
 	@set -e; \
-	if [ -z "$$DATABASE_URL" ]; then export DATABASE_URL="$$($(PY) -m storage.localdb start)"; fi; \
-	if [ -z "$$DODO_PAYMENTS_WEBHOOK_KEY" ]; then export DODO_PAYMENTS_WEBHOOK_KEY="$$($(PY) -m webhooks.devkey)"; fi; \
+	if [ -z "$$DATABASE_URL" ]; then export DATABASE_URL="$$($(PY) -m service.dev.localdb start)"; fi; \
+	if [ -z "$$DODO_PAYMENTS_WEBHOOK_KEY" ]; then export DODO_PAYMENTS_WEBHOOK_KEY="$$($(PY) -m service.dev.devkey)"; fi; \
 	$(PY) -m service migrate; \
 	$(PY) -m service banner; \
 	exec $(PY) -m service serve

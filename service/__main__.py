@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         print("migrations: at head", flush=True)
         return 0
     if args.command == "banner":
-        from service.banner import banner
+        from service.dev.banner import banner
 
         print(banner(settings), flush=True)
         return 0

@@ -6,11 +6,11 @@ import json
 from collections.abc import Sequence
 from datetime import timedelta
 
-from service.catalog import load_catalog
-from service.change_feed import ChangeFeed
-from service.clock import utc_now
-from service.dodo import DodoGateway
-from service.reconcile import RateLimiter, StalePolicy, all_ids, reconcile, stale_ids
+from service.app.change_feed import ChangeFeed
+from service.app.dodo_gateway import DodoGateway
+from service.app.reconciler import RateLimiter, StalePolicy, all_ids, reconcile, stale_ids
+from service.domain.catalog import load_catalog
+from service.domain.clock import utc_now
 from service.settings import Settings
 from storage.engine import Database
 

@@ -14,18 +14,18 @@ from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.cache import EntitlementCache
-from service.catalog import Catalog, load_catalog
-from service.change_feed import ChangeFeed
-from service.clock import Clock, utc_now
-from service.consumption import CreditService
-from service.dodo import DodoGateway
-from service.entitlements import EntitlementReader
-from service.interceptors import AuthInterceptor, ErrorInterceptor
-from service.plan_changes import PlanChanger
-from service.reconcile import RateLimiter, reconcile_forever
+from service.app.change_feed import ChangeFeed
+from service.app.credit_service import CreditService
+from service.app.dodo_gateway import DodoGateway
+from service.app.entitlement_cache import EntitlementCache
+from service.app.entitlement_reader import EntitlementReader
+from service.app.plan_changer import PlanChanger
+from service.app.reconciler import RateLimiter, reconcile_forever
+from service.domain.catalog import Catalog, load_catalog
+from service.domain.clock import Clock, utc_now
+from service.grpc.interceptors import AuthInterceptor, ErrorInterceptor
+from service.grpc.servicer import EntitlementServicer
 from service.reconcile_cli import stale_policy
-from service.servicer import EntitlementServicer
 from service.settings import Settings
 from storage.engine import Database
 from webhooks.app import Lifecycle, create_app

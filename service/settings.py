@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.catalog import EXAMPLE_CATALOG
+from service.domain.catalog import EXAMPLE_CATALOG
 
 
 def _split(value: str | None) -> tuple[str, ...]:

@@ -89,7 +89,7 @@ class WebhookInbox(Base):
     event_timestamp: Mapped[datetime] = mapped_column(Timestamp)
     business_id: Mapped[str] = mapped_column(Text, default="", server_default="")
     payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
-    # applied | stale | recorded | ignored
+    # applied | stale | recorded | ignored | duplicate_entry (service/app/webhook_ingest.py: Outcome)
     status: Mapped[str] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     subject_id: Mapped[str | None] = mapped_column(Text, index=True)
@@ -121,7 +121,7 @@ class CreditLedgerEntry(Base):
     credit: Mapped[str] = mapped_column(Text)
     amount: Mapped[Decimal] = mapped_column(Numeric)
     balance_after: Mapped[Decimal] = mapped_column(Numeric)
-    # consumption | plan_grant | grant_expiry | dodo_ledger
+    # consumption | plan_grant | grant_expiry | dodo_<transaction_type> (a mirrored Dodo entry, e.g. dodo_credit_added)
     kind: Mapped[str] = mapped_column(Text)
     source: Mapped[str] = mapped_column(Text, default="", server_default="")
     idempotency_key: Mapped[str | None] = mapped_column(Text)
@@ -171,7 +171,8 @@ class PlanChangeRequest(Base):
     idempotency_key: Mapped[str] = mapped_column(Text, primary_key=True)
     subscription_id: Mapped[str] = mapped_column(Text, index=True)
     fingerprint: Mapped[str] = mapped_column(Text)
-    # sending (an attempt is under way or died) | unknown (Dodo's answer was lost) | completed
+    # new | sending (an attempt is under way or died) | unknown (Dodo's answer was lost) | completed
+    # (storage/repositories/plan_changes.py: PlanChangeStatus)
     status: Mapped[str] = mapped_column(Text)
     lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -17,8 +17,8 @@ import grpc
 import pytest
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 
-from service.catalog import Catalog, load_catalog
-from service.dodo import DodoGateway
+from service.app.dodo_gateway import DodoGateway
+from service.domain.catalog import Catalog, load_catalog
 from service.server import Running, start
 from service.settings import Settings
 from storage.engine import Database, plain_url

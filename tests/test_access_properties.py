@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.access import decide, feature_access, subscription_access, trial_ends_at
-from service.catalog import Catalog, parse_catalog
-from service.domain import SubscriptionState
+from service.domain.access_rules import decide, feature_access, subscription_access, trial_ends_at
+from service.domain.catalog import Catalog, parse_catalog
+from service.domain.values import SubscriptionState
 
 PROPERTY_SETTINGS = settings(max_examples=200, deadline=None)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from service.access import (
+from service.domain.access_rules import (
     best,
     carries_feature,
     decide,
@@ -20,8 +20,8 @@ from service.access import (
     subscription_access,
     trial_ends_at,
 )
-from service.catalog import Catalog, parse_catalog
-from service.domain import AccessDecision, AccessReason, CartCredit, FeatureKind, SubscriptionState
+from service.domain.catalog import Catalog, parse_catalog
+from service.domain.values import AccessDecision, AccessReason, CartCredit, FeatureKind, SubscriptionState
 
 NOW = datetime(2026, 3, 15, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)

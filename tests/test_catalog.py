@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from service.catalog import DEFAULT_GRACE_PERIOD_DAYS, EXAMPLE_CATALOG, CatalogError, load_catalog
-from service.domain import FeatureKind
+from service.domain.catalog import DEFAULT_GRACE_PERIOD_DAYS, EXAMPLE_CATALOG, CatalogError, load_catalog
+from service.domain.values import FeatureKind
 
 VALID_CREDITS = """
 [credits.ai_tokens]

@@ -20,8 +20,10 @@ from entitlements.v1 import entitlements_pb2 as pb
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from service.catalog import Catalog
-from service.dodo import DodoGateway
+from service.app.dodo_gateway import DodoGateway
+from service.domain.catalog import Catalog
+from service.domain.dodo_payloads import DodoSubscription
+from service.logs import EventFormatter
 from service.server import start
 from storage.engine import Database
 from storage.models import PlanChangeRequest
@@ -536,9 +538,10 @@ async def test_dodo_refusing_our_api_key_is_internal_with_a_generic_message_and_
     assert "misconfigured" in details
     for leak in (WRONG_KEY, "Authentication failed", "401", "Dodo refused"):
         assert leak not in details
-    loud = [record for record in caplog.records if record.levelno >= logging.ERROR]
-    assert any("DODO_PAYMENTS_API_KEY" in record.getMessage() for record in loud)
-    assert all(WRONG_KEY not in record.getMessage() for record in caplog.records)
+    # As an operator reads them: the event and its facts, one line each.
+    lines = [(record.levelno, EventFormatter().format(record)) for record in caplog.records]
+    assert any("DODO_PAYMENTS_API_KEY" in line for level, line in lines if level >= logging.ERROR)
+    assert all(WRONG_KEY not in line for _, line in lines)
     assert fake_dodo.requests[0].headers["authorization"] == f"Bearer {WRONG_KEY}"
     assert not change_plan_requests(fake_dodo)
 
@@ -743,7 +746,7 @@ class ReadBackFails(DodoGateway):
         await super().change_plan(subscription_id, **kwargs)
         self.just_changed = True
 
-    async def get_subscription(self, subscription_id: str) -> dict[str, Any]:
+    async def get_subscription(self, subscription_id: str) -> DodoSubscription:
         if self.just_changed:
             self.just_changed = False
             await super().get_subscription("sub_0Nn0Nn0Nn0Nn0Nn0Nn0Nn")  # a real 404 from Dodo

@@ -13,10 +13,10 @@ import pytest
 from entitlements.v1 import entitlements_pb2 as pb
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 
-from service.cache import EntitlementCache
-from service.catalog import Catalog
-from service.consumption import ConsumeRequest, ConsumeResult, CreditService
-from service.errors import IdempotencyKeyReused, InsufficientCredits, PermissionDenied
+from service.app.credit_service import ConsumeRequest, ConsumeResult, CreditService
+from service.app.entitlement_cache import EntitlementCache
+from service.domain.catalog import Catalog
+from service.domain.errors import IdempotencyKeyReused, InsufficientCredits, PermissionDenied
 from storage.engine import Database, plain_url
 from storage.errors import is_database_unavailable
 from tests.support import CUSTOMER_ID, FakeClock, WebhookPoster, deliver, stored_account, subscription_event, utc

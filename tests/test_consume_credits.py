@@ -21,7 +21,7 @@ from entitlements.v1 import entitlements_pb2 as pb
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 from sqlalchemy import text
 
-from service.catalog import EXAMPLE_CATALOG, Catalog, parse_catalog
+from service.domain.catalog import EXAMPLE_CATALOG, Catalog, parse_catalog
 from storage.engine import Database
 from tests.support import (
     API_CALLS_ENTITLEMENT,

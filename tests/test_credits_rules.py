@@ -12,10 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service import credits
-from service.catalog import Catalog, CreditDef, parse_catalog
-from service.domain import Account, CartCredit, Grant, SubscriptionState
-from service.errors import InvalidArgument
+from service.domain import credit_rules as credits
+from service.domain import decimals
+from service.domain.catalog import Catalog, CreditDef, parse_catalog
+from service.domain.errors import InvalidArgument
+from service.domain.values import Account, CartCredit, Grant, LedgerEntry, SubscriptionState
 
 NOW = datetime(2026, 9, 10, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -120,15 +121,15 @@ REFUSED = [
 
 @pytest.mark.parametrize(("text", "normalized"), ACCEPTED)
 def test_parse_amount_accepts_positive_plain_decimals_exactly(text: str, normalized: str) -> None:
-    amount = credits.parse_amount(text)
+    amount = decimals.parse_amount(text)
     assert amount == Decimal(normalized)
-    assert credits.decimal_text(amount) == normalized
+    assert decimals.decimal_text(amount) == normalized
 
 
 @pytest.mark.parametrize("text", REFUSED)
 def test_parse_amount_refuses_what_is_not_a_positive_plain_decimal(text: str) -> None:
     with pytest.raises(InvalidArgument) as refused:
-        credits.parse_amount(text)
+        decimals.parse_amount(text)
     assert refused.value.grpc_code is grpc.StatusCode.INVALID_ARGUMENT
     assert "amount" in refused.value.message
 
@@ -293,7 +294,7 @@ def test_consume_may_go_into_overage_down_to_minus_the_limit() -> None:
     ],
 )
 def test_decimal_text_is_plain_notation_without_trailing_zeros(value: Decimal, text: str) -> None:
-    assert credits.decimal_text(value) == text
+    assert decimals.decimal_text(value) == text
 
 
 def test_fingerprint_is_the_same_for_the_same_parameters_in_another_spelling() -> None:
@@ -415,7 +416,7 @@ def test_balance_is_the_sum_of_entries_and_grants_add_up_to_the_positive_balance
     clock = NOW
     for step, (operation, amount, days) in enumerate(operations):
         clock += timedelta(hours=12)
-        entries: list[credits.Entry] = []
+        entries: list[LedgerEntry] = []
         if operation == "grant":
             expires_at = None if days is None else clock + days * DAY
             state, entry = credits.credit(
@@ -433,11 +434,11 @@ def test_balance_is_the_sum_of_entries_and_grants_add_up_to_the_positive_balance
                     credits.consume(state, amount, limit)
             else:
                 state, _ = credits.consume(state, amount, limit)
-                entries.append(credits.Entry("e", CUSTOMER, "ai_tokens", -amount, state.balance, "k", "s"))
+                entries.append(LedgerEntry("e", CUSTOMER, "ai_tokens", -amount, state.balance, "k", "s"))
         else:
             state, expired = credits.expire(state, clock)
             entries.extend(expired)
-        total = credits.MATH.add(total, sum((e.amount for e in entries), Decimal(0)))
+        total = decimals.MATH.add(total, sum((e.amount for e in entries), Decimal(0)))
         assert state.balance == total
         assert sum((g.remaining for g in state.grants), Decimal(0)) == max(state.balance, Decimal(0))
         assert all(g.remaining > 0 for g in state.grants)

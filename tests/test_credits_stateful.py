@@ -41,7 +41,7 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import text
 
-from service.catalog import EXAMPLE_CATALOG, Catalog, parse_catalog
+from service.domain.catalog import EXAMPLE_CATALOG, Catalog, parse_catalog
 from service.server import Running, start
 from storage.engine import Database
 from tests.conftest import TABLES, BearerToken, make_settings

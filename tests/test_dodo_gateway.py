@@ -15,14 +15,9 @@ from dodopayments.types.subscription import Subscription
 from dodopayments.types.subscription_change_plan_response import SubscriptionChangePlanResponse
 from dodopayments.types.subscription_preview_change_plan_response import SubscriptionPreviewChangePlanResponse
 
-from service.dodo import (
-    DodoAuthError,
-    DodoGateway,
-    DodoNotFound,
-    DodoRejected,
-    DodoUnavailable,
-    PlanChangePreview,
-)
+from service.app.dodo_gateway import DodoGateway, PlanChangePreview
+from service.domain.errors import DodoMisconfigured, DodoRefused, DodoUnavailable, SubscriptionNotFound
+from service.domain.values import Addon
 from tests.fakedodo import (
     ADDON_EXTRA_PROJECTS,
     ADDON_EXTRA_SEAT,
@@ -89,14 +84,17 @@ def closed_port() -> int:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-async def test_get_subscription_returns_dodo_json_as_a_plain_dict(fake: FakeDodo, gateway: DodoGateway) -> None:
+async def test_get_subscription_returns_dodo_json_beside_the_parsed_snapshot(
+    fake: FakeDodo, gateway: DodoGateway
+) -> None:
     sub = fake.add_subscription(metadata={"app_user_id": "u_1"})
 
     got = await gateway.get_subscription(sub["subscription_id"])
 
-    assert got == sub
-    assert got["customer"]["customer_id"] == sub["customer"]["customer_id"]
-    assert got["next_billing_date"] == sub["next_billing_date"]
+    assert got.payload == sub
+    assert got.state.subscription_id == sub["subscription_id"]
+    assert got.payload["customer"]["customer_id"] == sub["customer"]["customer_id"]
+    assert got.payload["next_billing_date"] == sub["next_billing_date"]
 
 
 async def test_get_subscription_keeps_fields_newer_than_the_sdk(fake: FakeDodo, gateway: DodoGateway) -> None:
@@ -105,7 +103,7 @@ async def test_get_subscription_keeps_fields_newer_than_the_sdk(fake: FakeDodo, 
 
     got = await gateway.get_subscription(sub["subscription_id"])
 
-    assert got["loyalty_tier"] == {"level": 3}
+    assert got.payload["loyalty_tier"] == {"level": 3}
 
 
 async def test_requests_carry_the_bearer_key(fake: FakeDodo, gateway: DodoGateway) -> None:
@@ -125,7 +123,7 @@ async def test_get_retries_a_transient_failure(fake: FakeDodo, gateway: DodoGate
 
     got = await gateway.get_subscription(sub["subscription_id"])
 
-    assert got["subscription_id"] == sub["subscription_id"]
+    assert got.payload["subscription_id"] == sub["subscription_id"]
     assert [r.retry_count for r in fake.requests_matching("GET")] == [0, 1, 2]
 
 
@@ -149,7 +147,7 @@ async def test_change_plan_immediately_switches_product_quantity_and_addons(
     sub = fake.add_subscription(product_id=PRODUCT_PRO, addons=[{"addon_id": ADDON_EXTRA_SEAT, "quantity": 1}])
     sub_id = sub["subscription_id"]
 
-    await gateway.change_plan(sub_id, **change_args(addons=[{"addon_id": ADDON_EXTRA_PROJECTS, "quantity": 2}]))
+    await gateway.change_plan(sub_id, **change_args(addons=[Addon(ADDON_EXTRA_PROJECTS, 2)]))
 
     (request,) = fake.requests_matching(CHANGE_PLAN)
     assert request.json == {
@@ -160,11 +158,11 @@ async def test_change_plan_immediately_switches_product_quantity_and_addons(
         "addons": [{"addon_id": ADDON_EXTRA_PROJECTS, "quantity": 2}],
     }
     after = await gateway.get_subscription(sub_id)
-    assert after["product_id"] == PRODUCT_TEAM
-    assert after["quantity"] == 3
-    assert after["addons"] == [{"addon_id": ADDON_EXTRA_PROJECTS, "quantity": 2}]
-    assert after["recurring_pre_tax_amount"] == 3 * 9900 + 2 * 1500
-    assert after["scheduled_change"] is None
+    assert after.payload["product_id"] == PRODUCT_TEAM
+    assert after.payload["quantity"] == 3
+    assert after.payload["addons"] == [{"addon_id": ADDON_EXTRA_PROJECTS, "quantity": 2}]
+    assert after.payload["recurring_pre_tax_amount"] == 3 * 9900 + 2 * 1500
+    assert after.payload["scheduled_change"] is None
 
 
 async def test_change_plan_at_next_billing_date_only_schedules_the_change(fake: FakeDodo, gateway: DodoGateway) -> None:
@@ -174,22 +172,25 @@ async def test_change_plan_at_next_billing_date_only_schedules_the_change(fake: 
     await gateway.change_plan(sub_id, **change_args(effective_at="next_billing_date"))
 
     after = await gateway.get_subscription(sub_id)
-    assert after["product_id"] == PRODUCT_PRO
-    assert after["quantity"] == 1
-    scheduled = ScheduledPlanChange.model_validate(after["scheduled_change"])
+    assert after.payload["product_id"] == PRODUCT_PRO
+    assert after.payload["quantity"] == 1
+    scheduled = ScheduledPlanChange.model_validate(after.payload["scheduled_change"])
     assert scheduled.product_id == PRODUCT_TEAM
     assert scheduled.quantity == 3
-    assert after["scheduled_change"]["effective_at"] == sub["next_billing_date"]
+    assert after.payload["scheduled_change"]["effective_at"] == sub["next_billing_date"]
 
 
 async def test_addons_passed_to_change_plan_are_kept(fake: FakeDodo, gateway: DodoGateway) -> None:
-    addons = [{"addon_id": ADDON_EXTRA_SEAT, "quantity": 2}, {"addon_id": ADDON_EXTRA_PROJECTS, "quantity": 1}]
+    addons: list[dict[str, Any]] = [
+        {"addon_id": ADDON_EXTRA_SEAT, "quantity": 2},
+        {"addon_id": ADDON_EXTRA_PROJECTS, "quantity": 1},
+    ]
     sub = fake.add_subscription(addons=addons)
     sub_id = sub["subscription_id"]
 
-    await gateway.change_plan(sub_id, **change_args(addons=sub["addons"]))
+    await gateway.change_plan(sub_id, **change_args(addons=[Addon(a["addon_id"], a["quantity"]) for a in addons]))
 
-    assert (await gateway.get_subscription(sub_id))["addons"] == addons
+    assert (await gateway.get_subscription(sub_id)).payload["addons"] == addons
     (request,) = fake.requests_matching(CHANGE_PLAN)
     assert request.json["addons"] == addons
 
@@ -199,7 +200,7 @@ async def test_change_plan_with_no_addons_removes_them_as_dodo_does(fake: FakeDo
 
     await gateway.change_plan(sub["subscription_id"], **change_args(addons=[]))
 
-    assert (await gateway.get_subscription(sub["subscription_id"]))["addons"] == []
+    assert (await gateway.get_subscription(sub["subscription_id"])).payload["addons"] == []
     (request,) = fake.requests_matching(CHANGE_PLAN)
     assert request.json["addons"] == []
 
@@ -230,8 +231,8 @@ async def test_preview_returns_the_charge_and_currency_and_changes_nothing(
 
     # Pro (2900) → Team (9900) with 20 of 30 days left: (9900 - 2900) x 20/30, rounded.
     assert preview == PlanChangePreview(immediate_charge=4667, currency="USD", new_plan=preview.new_plan)
-    assert preview.new_plan["product_id"] == PRODUCT_TEAM
-    assert preview.new_plan["subscription_id"] == sub_id
+    assert preview.new_plan.payload["product_id"] == PRODUCT_TEAM
+    assert preview.new_plan.payload["subscription_id"] == sub_id
     assert fake.subscriptions == before
     assert fake.requests_matching(CHANGE_PLAN) == []
     assert len(fake.requests_matching(PREVIEW)) == 1
@@ -245,7 +246,7 @@ async def test_preview_of_a_downgrade_charges_nothing(fake: FakeDodo, gateway: D
     )
 
     assert preview.immediate_charge == 0
-    assert preview.new_plan["product_id"] == PRODUCT_STARTER
+    assert preview.new_plan.payload["product_id"] == PRODUCT_STARTER
 
 
 async def test_preview_of_a_change_at_next_billing_date_charges_nothing_now(
@@ -256,7 +257,7 @@ async def test_preview_of_a_change_at_next_billing_date_charges_nothing_now(
     preview = await gateway.preview_change_plan(sub["subscription_id"], **change_args(effective_at="next_billing_date"))
 
     assert preview.immediate_charge == 0
-    assert preview.new_plan["scheduled_change"]["product_id"] == PRODUCT_TEAM
+    assert preview.new_plan.payload["scheduled_change"]["product_id"] == PRODUCT_TEAM
     assert fake.subscriptions[sub["subscription_id"]]["scheduled_change"] is None
 
 
@@ -277,50 +278,50 @@ async def test_change_while_a_change_is_scheduled_is_rejected_with_dodos_message
     sub = fake.add_subscription()
     await gateway.change_plan(sub["subscription_id"], **change_args(effective_at="next_billing_date"))
 
-    with pytest.raises(DodoRejected) as err:
+    with pytest.raises(DodoRefused) as err:
         await gateway.change_plan(sub["subscription_id"], **change_args(product_id=PRODUCT_STARTER))
 
     assert err.value.status == 409
     assert err.value.code == "PLAN_CHANGE_ALREADY_SCHEDULED"
-    assert err.value.message == "A plan change is already scheduled for this subscription"
+    assert err.value.dodo_message == "A plan change is already scheduled for this subscription"
 
 
 async def test_change_of_an_inactive_subscription_is_rejected(fake: FakeDodo, gateway: DodoGateway) -> None:
     sub = fake.add_subscription(status="on_hold")
 
-    with pytest.raises(DodoRejected) as err:
+    with pytest.raises(DodoRefused) as err:
         await gateway.change_plan(sub["subscription_id"], **change_args())
 
     assert err.value.status == 422
-    assert "on_hold" in err.value.message
+    assert "on_hold" in err.value.dodo_message
     assert fake.subscriptions[sub["subscription_id"]]["product_id"] == PRODUCT_PRO
 
 
 async def test_change_to_an_unknown_product_is_rejected(fake: FakeDodo, gateway: DodoGateway) -> None:
     sub = fake.add_subscription()
 
-    with pytest.raises(DodoRejected) as err:
+    with pytest.raises(DodoRefused) as err:
         await gateway.change_plan(sub["subscription_id"], **change_args(product_id="pdt_nope"))
 
     assert err.value.status == 422
-    assert "pdt_nope" in err.value.message
+    assert "pdt_nope" in err.value.dodo_message
 
 
 async def test_preview_is_rejected_like_the_change_itself(fake: FakeDodo, gateway: DodoGateway) -> None:
     sub = fake.add_subscription(status="cancelled")
 
-    with pytest.raises(DodoRejected) as err:
+    with pytest.raises(DodoRefused) as err:
         await gateway.preview_change_plan(sub["subscription_id"], **change_args())
 
     assert err.value.status == 422
 
 
 async def test_unknown_subscription_is_not_found(gateway: DodoGateway) -> None:
-    with pytest.raises(DodoNotFound):
+    with pytest.raises(SubscriptionNotFound):
         await gateway.get_subscription("sub_missing")
-    with pytest.raises(DodoNotFound):
+    with pytest.raises(SubscriptionNotFound):
         await gateway.change_plan("sub_missing", **change_args())
-    with pytest.raises(DodoNotFound):
+    with pytest.raises(SubscriptionNotFound):
         await gateway.preview_change_plan("sub_missing", **change_args())
 
 
@@ -332,7 +333,7 @@ async def test_wrong_api_key_is_an_auth_error_logged_loudly_without_the_key(
     wrong_key = "sk_wrong_5e4d3c2b1a"
     gateway = DodoGateway(api_key=wrong_key, base_url=base_url, timeout=TIMEOUT)
     try:
-        with caplog.at_level(logging.DEBUG, logger="entitlements.dodo"), pytest.raises(DodoAuthError) as err:
+        with caplog.at_level(logging.DEBUG, logger="entitlements.dodo"), pytest.raises(DodoMisconfigured) as err:
             await gateway.get_subscription(sub["subscription_id"])
     finally:
         await gateway.close()
@@ -350,7 +351,7 @@ async def test_forbidden_is_an_auth_error(fake: FakeDodo, gateway: DodoGateway) 
     sub = fake.add_subscription()
     fake.fail_next(CHANGE_PLAN, 403)
 
-    with pytest.raises(DodoAuthError) as err:
+    with pytest.raises(DodoMisconfigured) as err:
         await gateway.change_plan(sub["subscription_id"], **change_args())
 
     assert err.value.status == 403
@@ -361,9 +362,9 @@ async def test_missing_api_key_fails_every_call_without_calling_dodo(
 ) -> None:
     gateway = DodoGateway(api_key=None, base_url=served[1], timeout=TIMEOUT)
 
-    with pytest.raises(DodoAuthError):
+    with pytest.raises(DodoMisconfigured):
         await gateway.get_subscription("sub_any")
-    with pytest.raises(DodoAuthError):
+    with pytest.raises(DodoMisconfigured):
         await gateway.change_plan("sub_any", **change_args())
     await gateway.close()
 
@@ -417,7 +418,7 @@ async def test_conflict_on_change_plan_is_not_retried(fake: FakeDodo, gateway: D
     sub = fake.add_subscription()
     fake.fail_next(CHANGE_PLAN, 409, times=5, headers=FAST_RETRY)
 
-    with pytest.raises(DodoRejected):
+    with pytest.raises(DodoRefused):
         await gateway.change_plan(sub["subscription_id"], **change_args())
 
     assert len(fake.requests_matching(CHANGE_PLAN)) == 1
@@ -451,7 +452,7 @@ async def test_applied_change_whose_answer_was_lost_shows_on_a_later_read(fake: 
 
     assert err.value.outcome_unknown
     assert len(fake.requests_matching(CHANGE_PLAN)) == 1
-    assert (await gateway.get_subscription(sub["subscription_id"]))["product_id"] == PRODUCT_TEAM
+    assert (await gateway.get_subscription(sub["subscription_id"])).state.product_id == PRODUCT_TEAM
 
 
 async def test_applied_change_whose_answer_timed_out_is_sent_once(fake: FakeDodo, gateway: DodoGateway) -> None:
@@ -601,6 +602,10 @@ async def test_fake_renewal_applies_a_scheduled_change(fake: FakeDodo, gateway: 
     fake.apply_scheduled_change(sub["subscription_id"])
 
     after = await gateway.get_subscription(sub["subscription_id"])
-    assert (after["product_id"], after["quantity"], after["scheduled_change"]) == (PRODUCT_TEAM, 3, None)
-    assert after["previous_billing_date"] == old_period_end
-    Subscription.model_validate(after)
+    assert (after.payload["product_id"], after.payload["quantity"], after.payload["scheduled_change"]) == (
+        PRODUCT_TEAM,
+        3,
+        None,
+    )
+    assert after.payload["previous_billing_date"] == old_period_end
+    Subscription.model_validate(after.payload)

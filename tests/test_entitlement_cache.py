@@ -19,8 +19,8 @@ import pytest
 from entitlements.v1 import entitlements_pb2 as pb
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 
-from service.cache import LISTENER_NAME, EntitlementCache
-from service.domain import CustomerEntitlements
+from service.app.entitlement_cache import LISTENER_NAME, EntitlementCache
+from service.domain.values import CustomerEntitlements
 from service.server import Running
 from storage.engine import Connection, Database, plain_url
 from storage.repositories.customers import load_customer

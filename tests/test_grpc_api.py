@@ -17,8 +17,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from service.catalog import Catalog
-from service.clock import Clock
+from service.domain.catalog import Catalog
+from service.domain.clock import Clock
 from service.server import SERVICE_NAME, Running, start
 from service.settings import Settings
 from storage.engine import Database

@@ -20,9 +20,10 @@ from entitlements.v1 import entitlements_pb2 as pb
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from service.catalog import Catalog
-from service.dodo import DodoGateway
-from service.reconcile import RateLimiter, ReconcileReport, StalePolicy, all_ids, reconcile, stale_ids
+from service.app.dodo_gateway import DodoGateway
+from service.app.reconciler import RateLimiter, ReconcileReport, StalePolicy, all_ids, reconcile, stale_ids
+from service.domain.catalog import Catalog
+from service.domain.dodo_payloads import DodoSubscription
 from service.reconcile_cli import run_reconcile, stale_policy
 from service.server import Running, start
 from service.settings import Settings
@@ -379,7 +380,7 @@ class TimedGateway(DodoGateway):
         super().__init__(*args, **kwargs)
         self.started: list[float] = []
 
-    async def get_subscription(self, subscription_id: str) -> dict[str, Any]:
+    async def get_subscription(self, subscription_id: str) -> DodoSubscription:
         self.started.append(time.monotonic())
         return await super().get_subscription(subscription_id)
 

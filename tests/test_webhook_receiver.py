@@ -21,7 +21,7 @@ from entitlements.v1 import entitlements_pb2 as pb
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 from sqlalchemy import select
 
-from service.catalog import Catalog
+from service.domain.catalog import Catalog
 from service.server import Running, start
 from storage.engine import Database
 from storage.models import Subscription, WebhookInbox

@@ -1,5 +1,5 @@
-"""`python -m webhooks.send`: signs a Dodo payload like the dashboard's "send test event" and posts it to a running
-service. Driven through its `main()` in a thread (it blocks on urllib) against the real HTTP port."""
+"""`python -m service.dev.send_webhook`: signs a Dodo payload like the dashboard's "send test event" and posts it
+to a running service. Driven through its `main()` in a thread (it blocks on urllib) against the real HTTP port."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from entitlements.v1 import entitlements_pb2 as pb
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 from sqlalchemy import select
 
+from service.dev import send_webhook as send
 from service.server import Running
 from storage.engine import Database
 from storage.models import WebhookInbox
@@ -26,7 +27,6 @@ from tests.support import (
     stored_counts,
     utc,
 )
-from webhooks import send
 
 
 def event_file(tmp_path: Path, name: str) -> Path:

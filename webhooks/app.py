@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from service.catalog import Catalog
-from service.errors import DomainError, MalformedPayload
+from service.app.webhook_ingest import Outcome, ingest
+from service.domain.catalog import Catalog
+from service.domain.dodo_events import parse_event
+from service.domain.errors import DomainError, MalformedPayload
 from storage.engine import Database
 from storage.errors import is_database_unavailable
 from storage.repositories.inbox import InboxRepository
-from webhooks.events import parse_event
-from webhooks.ingest import Outcome, ingest
 from webhooks.verify import InvalidSignature, SignatureVerifier
 
 log = logging.getLogger("entitlements.webhooks")

@@ -10,8 +10,8 @@ from typing import Any
 
 import orjson
 
-from service.credits import Entry
-from service.domain import Account, Grant
+from service.domain.values import Account, Grant
+from service.domain.values import LedgerEntry as Entry
 from storage.engine import Connection
 
 # Balances, grants, ledger rows and the change-feed rows in one statement (one round trip per write).

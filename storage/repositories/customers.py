@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from service.domain import Account, CartCredit, CustomerEntitlements, Grant, SubscriptionState
+from service.domain.values import Account, CartCredit, CustomerEntitlements, Grant, SubscriptionState
 from storage.engine import Connection
 
 _LOAD = """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -9,12 +10,19 @@ from typing import Any
 from storage.engine import Connection
 
 
+class PlanChangeStatus(enum.StrEnum):
+    NEW = "new"  # the key is stored, no attempt has claimed it yet
+    SENDING = "sending"  # an attempt holds the lease (or died holding it: the lease runs out)
+    UNKNOWN = "unknown"  # Dodo may have applied it (answer lost): the next attempt reads Dodo first
+    COMPLETED = "completed"
+
+
 @dataclass(frozen=True, slots=True)
 class PlanChangeRecord:
     idempotency_key: str
     subscription_id: str
     fingerprint: str
-    status: str
+    status: PlanChangeStatus
     attempts: int
 
 
@@ -40,7 +48,7 @@ class PlanChangeRepository:
             "SELECT * FROM plan_change_requests WHERE idempotency_key = $1 FOR UPDATE", key
         )
         previous = _record(row)
-        if previous.fingerprint != fingerprint or previous.status == "completed":
+        if previous.fingerprint != fingerprint or previous.status is PlanChangeStatus.COMPLETED:
             return None, previous
         claimed = await self.connection.fetchval(
             """
@@ -54,7 +62,7 @@ class PlanChangeRepository:
         )
         return (previous if claimed is not None else None), previous
 
-    async def finish(self, key: str, status: str, error: str | None = None) -> None:
+    async def finish(self, key: str, status: PlanChangeStatus, error: str | None = None) -> None:
         await self.connection.execute(
             """
             UPDATE plan_change_requests SET status = $2, lease_until = NULL, last_error = $3, updated_at = now()
@@ -72,5 +80,9 @@ class PlanChangeRepository:
 
 def _record(row: Any) -> PlanChangeRecord:
     return PlanChangeRecord(
-        row["idempotency_key"], row["subscription_id"], row["fingerprint"], row["status"], row["attempts"]
+        row["idempotency_key"],
+        row["subscription_id"],
+        row["fingerprint"],
+        PlanChangeStatus(row["status"]),
+        row["attempts"],
     )

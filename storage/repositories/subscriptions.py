@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from service.domain import Addon, CartCredit, ScheduledChange, SubscriptionState
+from service.domain.values import Addon, CartCredit, ScheduledChange, SubscriptionState
 from storage.engine import Connection
 
 _COLUMNS = (
@@ -64,6 +64,20 @@ _UPDATE_ON_CONFLICT = """DO UPDATE SET
 
 _INSERT = _WRITE.format(on_conflict="DO NOTHING")
 _UPSERT = _WRITE.format(on_conflict=_UPDATE_ON_CONFLICT)
+
+
+_STALE = """
+SELECT subscription_id FROM subscriptions
+WHERE (
+        (status = 'active' AND next_billing_date < $1::timestamptz - $2::interval)
+     OR status IN ('on_hold', 'past_due')
+     OR (cancel_at_next_billing_date AND next_billing_date < $1 AND status = 'active')
+     OR last_event_at < $1::timestamptz - $3::interval
+  )
+  -- Asked Dodo recently and it still says so: no point asking again on every pass.
+  AND (refreshed_at IS NULL OR refreshed_at < $1::timestamptz - $4::interval)
+ORDER BY subscription_id
+"""
 
 
 class SubscriptionRepository:
@@ -136,6 +150,20 @@ class SubscriptionRepository:
         )
         return bool(written)
 
+    async def stale_ids(
+        self, now: datetime, *, renewal_margin: timedelta, silent_for: timedelta, recheck_after: timedelta
+    ) -> list[str]:
+        """Subscriptions whose local state may be out of date: active well past the period end without a renewal;
+        in payment trouble (Dodo moves these on and we must not miss it); a scheduled cancellation past its end
+        that never arrived; or nothing heard, from webhooks or from Dodo itself, for `silent_for`. Those fetched
+        from Dodo within `recheck_after` are left out."""
+        rows = await self.connection.fetch(_STALE, now, renewal_margin, silent_for, recheck_after)
+        return [row["subscription_id"] for row in rows]
+
+    async def all_ids(self) -> list[str]:
+        rows = await self.connection.fetch("SELECT subscription_id FROM subscriptions ORDER BY subscription_id")
+        return [row["subscription_id"] for row in rows]
+
     async def move_hold_start(self, subscription_id: str, customer_id: str, since: datetime) -> None:
         """Only the grace start moves (to an earlier event of the same episode); nothing else regresses."""
         await self.connection.execute(
@@ -193,7 +221,7 @@ def to_state(row: Any) -> SubscriptionState:
         if scheduled is None
         else ScheduledChange(
             product_id=scheduled["product_id"],
-            quantity=int(scheduled["quantity"]),
+            quantity=None if scheduled.get("quantity") is None else int(scheduled["quantity"]),
             effective_at=None
             if scheduled.get("effective_at") is None
             else datetime.fromisoformat(scheduled["effective_at"]),

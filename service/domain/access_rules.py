@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
-from decimal import Context, Decimal
+from decimal import Decimal
 
-from service.catalog import Catalog
-from service.domain import AccessDecision, AccessReason, FeatureDecision, FeatureKind, SubscriptionState
+from service.domain.catalog import Catalog
+from service.domain.decimals import MATH
+from service.domain.values import AccessDecision, AccessReason, FeatureDecision, FeatureKind, SubscriptionState
 
 _INACTIVE = AccessDecision(False, AccessReason.SUBSCRIPTION_INACTIVE)
-# Credit amounts reach 38 digits; the default decimal context (28) would round the sum.
-_EXACT = Context(prec=100)
-_HOLD_STATUSES = frozenset({"on_hold", "past_due"})
+# Payment trouble: access continues through a grace period measured from the first event that showed it.
+HOLD_STATUSES = frozenset({"on_hold", "past_due"})
 
 
 def trial_ends_at(sub: SubscriptionState) -> datetime | None:
@@ -42,7 +42,7 @@ def subscription_access(sub: SubscriptionState, grace_period_days: int, now: dat
         return AccessDecision(True, AccessReason.ACTIVE)
     if status == "past_due" and sub.past_due_ends_at is not None:
         return _grace_until(sub.past_due_ends_at, now)
-    if status in _HOLD_STATUSES:
+    if status in HOLD_STATUSES:
         if grace_period_days <= 0:
             return _INACTIVE
         since = sub.on_hold_since or sub.last_event_at or sub.updated_at or sub.created_at
@@ -129,7 +129,7 @@ def feature_access(
         limit = plan.limits.get(feature, 0) if plan is not None else 0
     if not decision.allowed:
         return FeatureDecision(False, decision.reason, kind, sub, limit=limit, balance=balance)
-    if kind is FeatureKind.CREDIT and balance is not None and _EXACT.add(balance, overage_headroom) <= 0:
+    if kind is FeatureKind.CREDIT and balance is not None and MATH.add(balance, overage_headroom) <= 0:
         return FeatureDecision(
             False, AccessReason.CREDITS_EXHAUSTED, kind, sub, decision.access_ends_at, balance=balance
         )

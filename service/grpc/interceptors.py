@@ -13,7 +13,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from service.errors import DomainError
+from service.domain.errors import DomainError
 from storage.errors import is_database_unavailable
 
 log = logging.getLogger("entitlements.grpc")

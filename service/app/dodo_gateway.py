@@ -1,96 +1,46 @@
 """Outbound calls to the Dodo Payments API, through the official SDK.
 
-Everything the rest of the service needs to know about a failed call is one of four exceptions: Dodo refused
-the request (`DodoRejected`), the object does not exist (`DodoNotFound`), our credentials are wrong
-(`DodoAuthError`), or Dodo could not be reached or did not answer properly (`DodoUnavailable`, safe to retry).
-The SDK's own exception classes never leave this module.
+Every failure leaves this module as a domain error that says what the caller can do: `DodoRefused` (Dodo
+understood and said no: FAILED_PRECONDITION with Dodo's message), `SubscriptionNotFound`, `DodoMisconfigured`
+(our key is wrong or missing: INTERNAL, loud in the log) or `DodoUnavailable` (safe to retry; `outcome_unknown`
+when the request may have taken effect). The SDK's own exception classes never leave this module, so ChangePlan,
+reconciliation and every later Dodo call share one translation.
 
-Subscriptions come back as the raw JSON dict Dodo sent, like a webhook's `data`, rather than the SDK's model:
-fields newer than the pinned SDK survive, and the webhook path and this one share a single parser.
+Subscriptions are read from the raw JSON Dodo sent rather than the SDK's model, through the same reader as
+webhooks: fields newer than the pinned SDK survive in the stored payload. An answer that cannot be read is
+`DodoUnavailable`, never the caller's INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, NoReturn
+from typing import Literal, NoReturn
 
 import dodopayments
 import httpx
 from dodopayments.types.attach_addon_param import AttachAddonParam
 
-__all__ = [
-    "DodoAuthError",
-    "DodoError",
-    "DodoGateway",
-    "DodoNotFound",
-    "DodoRejected",
-    "DodoUnavailable",
-    "EffectiveAt",
-    "OnPaymentFailure",
-    "PlanChangePreview",
-    "ProrationBillingMode",
-]
+from service.domain.dodo_payloads import DodoSubscription, read_subscription
+from service.domain.errors import (
+    DodoMisconfigured,
+    DodoRefused,
+    DodoUnavailable,
+    MalformedPayload,
+    SubscriptionNotFound,
+)
+from service.domain.plan_change_rules import EffectiveAt, ProrationBillingMode
+from service.domain.values import Addon
 
-logger = logging.getLogger("entitlements.dodo")
+log = logging.getLogger("entitlements.dodo")
 
-ProrationBillingMode = Literal[
-    "prorated_immediately",
-    "full_immediately",
-    "difference_immediately",
-    "do_not_bill",
-    "prorated_immediately_keep_cycle",
-]
-EffectiveAt = Literal["immediately", "next_billing_date"]
 OnPaymentFailure = Literal["prevent_change", "apply_change"]
 
 # Failures raised before any byte of the request left this process: the request certainly had no effect.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-
-
-class DodoError(Exception):
-    """Base of every error this module raises."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class DodoRejected(DodoError):
-    """Dodo understood the request and refused it (409, 422, other 4xx): sending it again won't help."""
-
-    def __init__(self, message: str, status: int, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
-class DodoNotFound(DodoError):
-    """Dodo has no such object (404)."""
-
-
-class DodoAuthError(DodoError):
-    """Dodo refused our credentials (401/403), or none are configured. An operator must act."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class DodoUnavailable(DodoError):
-    """No usable answer from Dodo (timeout, connection error, 429, 5xx): the call may be retried.
-
-    `outcome_unknown` is True when the request may have reached Dodo and taken effect (a read timeout, a 5xx):
-    after a change-plan, read the subscription back before deciding whether to send it again.
-    """
-
-    def __init__(self, message: str, *, status: int | None = None, outcome_unknown: bool = True) -> None:
-        super().__init__(message)
-        self.status = status
-        self.outcome_unknown = outcome_unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,14 +48,14 @@ class PlanChangePreview:
     immediate_charge: int
     """What Dodo would charge now, in minor units of `currency` (summary.total_amount)."""
     currency: str
-    new_plan: dict[str, Any]
-    """The subscription as it would be after the change, raw JSON like `get_subscription`'s."""
+    new_plan: DodoSubscription
+    """The subscription as it would be after the change."""
 
 
 class DodoGateway:
     """Our only door to the Dodo API.
 
-    `api_key=None` (or empty) builds a gateway whose every call raises `DodoAuthError`, so the service can
+    `api_key=None` (or empty) builds a gateway whose every call raises `DodoMisconfigured`, so the service can
     start and serve access checks from stored state while plan changes report a clear configuration error.
     `base_url=None` uses the SDK's default (live mode). `timeout` bounds each HTTP attempt, in seconds.
     """
@@ -145,14 +95,12 @@ class DodoGateway:
         if self._reader is not None:
             await self._reader.close()
 
-    async def get_subscription(self, subscription_id: str) -> dict[str, Any]:
+    async def get_subscription(self, subscription_id: str) -> DodoSubscription:
         client = self._client(self._reader, "get_subscription")
         with self._translate("get_subscription", subscription_id):
             raw = await client.subscriptions.with_raw_response.retrieve(subscription_id)
             data = await raw.json()
-        if not isinstance(data, dict) or not isinstance(data.get("subscription_id"), str):
-            raise DodoUnavailable("Dodo returned an unreadable subscription", status=raw.status_code)
-        return data
+        return _readable(data, "get_subscription", subscription_id, raw.status_code)
 
     async def change_plan(
         self,
@@ -162,7 +110,7 @@ class DodoGateway:
         quantity: int,
         proration_billing_mode: ProrationBillingMode,
         effective_at: EffectiveAt,
-        addons: Sequence[Mapping[str, Any]],
+        addons: Sequence[Addon],
         on_payment_failure: OnPaymentFailure | None = None,
     ) -> None:
         """Ask Dodo to change the plan, sent exactly once: after `DodoUnavailable` the outcome may be unknown.
@@ -189,7 +137,7 @@ class DodoGateway:
         quantity: int,
         proration_billing_mode: ProrationBillingMode,
         effective_at: EffectiveAt,
-        addons: Sequence[Mapping[str, Any]],
+        addons: Sequence[Addon],
         on_payment_failure: OnPaymentFailure | None = None,
     ) -> PlanChangePreview:
         # A preview changes nothing, so the SDK's retries are harmless here: it uses the retrying client.
@@ -205,66 +153,84 @@ class DodoGateway:
                 on_payment_failure=on_payment_failure if on_payment_failure is not None else dodopayments.omit,
             )
             data = await raw.json()
-        preview = _read_preview(data)
+        preview = _read_preview(data, subscription_id, raw.status_code)
         if preview is None:
+            log.warning(
+                "dodo.unreadable", extra={"operation": "preview_change_plan", "subscription_id": subscription_id}
+            )
             raise DodoUnavailable("Dodo returned an unreadable plan-change preview", status=raw.status_code)
         return preview
 
     def _client(self, client: dodopayments.AsyncDodoPayments | None, operation: str) -> dodopayments.AsyncDodoPayments:
         if client is None:
-            logger.error("Dodo %s impossible: no API key configured (set DODO_PAYMENTS_API_KEY)", operation)
-            raise DodoAuthError("no Dodo API key is configured")
+            log.error("dodo.not_configured", extra={"operation": operation, "fix": "set DODO_PAYMENTS_API_KEY"})
+            raise DodoMisconfigured("no Dodo API key is configured")
         return client
 
     @contextmanager
     def _translate(self, operation: str, subscription_id: str) -> Iterator[None]:
-        """Turn the SDK's exceptions into ours, logging what an operator needs (never the API key)."""
+        """Turn the SDK's exceptions into domain errors, logging what an operator needs (never the API key)."""
+        facts = {"operation": operation, "subscription_id": subscription_id}
         try:
             yield
         except dodopayments.APITimeoutError as exc:
             sent = not isinstance(exc.__cause__, _NOT_SENT)
-            logger.warning("Dodo %s %s timed out after %ss", operation, subscription_id, self._timeout)
+            log.warning("dodo.timeout", extra={**facts, "timeout_s": self._timeout, "maybe_applied": sent})
             raise DodoUnavailable(f"Dodo did not answer within {self._timeout}s", outcome_unknown=sent) from exc
         except dodopayments.APIConnectionError as exc:
             sent = not isinstance(exc.__cause__, _NOT_SENT)
-            logger.warning("Dodo %s %s failed to connect: %r", operation, subscription_id, exc.__cause__)
+            log.warning("dodo.unreachable", extra={**facts, "why": type(exc.__cause__).__name__, "maybe_applied": sent})
             raise DodoUnavailable("Dodo could not be reached", outcome_unknown=sent) from exc
         except dodopayments.APIStatusError as exc:
-            _raise_for_status(exc, operation, subscription_id)
+            _raise_for_status(exc, facts)
         except json.JSONDecodeError as exc:
             # A 2xx whose body is not JSON comes from something in front of Dodo, not from Dodo itself.
-            logger.warning("Dodo %s %s answered with a body that is not JSON", operation, subscription_id)
+            log.warning("dodo.unreadable", extra={**facts, "why": "body is not JSON"})
             raise DodoUnavailable("Dodo answered with a body that is not JSON") from exc
 
 
-def _raise_for_status(exc: dodopayments.APIStatusError, operation: str, subscription_id: str) -> NoReturn:
+def _readable(data: object, operation: str, subscription_id: str, status: int) -> DodoSubscription:
+    """Dodo's subscription JSON through the webhook reader; unreadable means Dodo (or a proxy) misbehaved."""
+    try:
+        if not isinstance(data, dict):
+            raise MalformedPayload("not a JSON object")
+        return read_subscription(data)
+    except MalformedPayload as error:
+        log.warning(
+            "dodo.unreadable", extra={"operation": operation, "subscription_id": subscription_id, "why": error.message}
+        )
+        raise DodoUnavailable("Dodo returned an unreadable subscription", status=status) from None
+
+
+def _raise_for_status(exc: dodopayments.APIStatusError, facts: dict[str, str]) -> NoReturn:
     status = exc.status_code
     code, message = _error_details(exc)
     if status in (401, 403):
         # Loud on purpose: every call fails until someone fixes the key, and nothing else will tell them.
-        logger.error(
-            "Dodo refused our credentials (HTTP %s, %s) on %s %s: check DODO_PAYMENTS_API_KEY and its mode "
-            "(test keys only work against test.dodopayments.com)",
-            status,
-            message,
-            operation,
-            subscription_id,
+        log.error(
+            "dodo.credentials_refused",
+            extra={
+                **facts,
+                "status": status,
+                "dodo_message": message,
+                "fix": "check DODO_PAYMENTS_API_KEY and its mode (test keys only work against test.dodopayments.com)",
+            },
         )
-        raise DodoAuthError(f"Dodo refused the API key (HTTP {status})", status) from exc
+        raise DodoMisconfigured(f"Dodo refused the API key (HTTP {status})", status=status) from exc
     if status == 404:
-        raise DodoNotFound(message or f"Dodo has no subscription {subscription_id}") from exc
+        raise SubscriptionNotFound(facts["subscription_id"], at_dodo=True) from exc
     if status in (408, 429) or status >= 500:
         # 429 was refused before any work, so it certainly did not apply.
-        logger.warning("Dodo %s %s answered HTTP %s: %s", operation, subscription_id, status, message)
+        log.warning("dodo.failed", extra={**facts, "status": status, "dodo_message": message})
         raise DodoUnavailable(f"Dodo answered HTTP {status}", status=status, outcome_unknown=status != 429) from exc
-    logger.info("Dodo refused %s %s: HTTP %s %s %s", operation, subscription_id, status, code, message)
-    raise DodoRejected(message or f"Dodo refused the request (HTTP {status})", status, code) from exc
+    log.info("dodo.refused", extra={**facts, "status": status, "code": code, "dodo_message": message})
+    raise DodoRefused(message, status=status, code=code) from exc
 
 
 def _error_details(exc: dodopayments.APIStatusError) -> tuple[str | None, str]:
     """Dodo's `{"code", "message"}` error body, tolerating proxies that answer with HTML or nothing."""
     body = exc.body
-    if isinstance(body, Mapping):
+    if isinstance(body, dict):
         code = body.get("code")
         message = body.get("message")
         return (
@@ -274,13 +240,13 @@ def _error_details(exc: dodopayments.APIStatusError) -> tuple[str | None, str]:
     return None, ""
 
 
-def _addon_params(addons: Sequence[Mapping[str, Any]]) -> list[AttachAddonParam]:
+def _addon_params(addons: Sequence[Addon]) -> list[AttachAddonParam]:
     # Always sent, even empty: omitting `addons` also removes them, and an explicit list makes the intent
     # visible in request logs.
-    return [{"addon_id": str(a["addon_id"]), "quantity": int(a["quantity"])} for a in addons]
+    return [{"addon_id": a.addon_id, "quantity": a.quantity} for a in addons]
 
 
-def _read_preview(data: object) -> PlanChangePreview | None:
+def _read_preview(data: object, subscription_id: str, status: int) -> PlanChangePreview | None:
     # Read only the fields we use instead of validating the whole SDK model, so a new line-item type or enum
     # value on Dodo's side does not break previews.
     if not isinstance(data, dict):
@@ -294,4 +260,8 @@ def _read_preview(data: object) -> PlanChangePreview | None:
     currency = summary.get("currency")
     if not isinstance(total, int) or isinstance(total, bool) or not isinstance(currency, str):
         return None
-    return PlanChangePreview(immediate_charge=total, currency=currency, new_plan=new_plan)
+    return PlanChangePreview(
+        immediate_charge=total,
+        currency=currency,
+        new_plan=_readable(new_plan, "preview_change_plan", subscription_id, status),
+    )

@@ -23,8 +23,8 @@ from typing import Any
 
 import asyncpg
 
-from service.background import stop_task
-from service.domain import CustomerEntitlements
+from service.app.background import stop_task
+from service.domain.values import CustomerEntitlements
 from storage.engine import Connection, Database
 from storage.repositories.changes import CHANGES_CHANNEL, CREDITS_SCOPE
 from storage.repositories.customers import load_accounts, load_customer

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from service.errors import MalformedPayload
-from service.payloads import parse_time
+from service.domain.dodo_payloads import parse_time
+from service.domain.errors import MalformedPayload
 
 SUBSCRIPTION_EVENTS = frozenset(
     f"subscription.{name}"

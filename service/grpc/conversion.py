@@ -8,12 +8,11 @@ from decimal import Decimal
 from entitlements.v1 import entitlements_pb2 as pb
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from service import credits
-from service.consumption import ConsumeRequest, ConsumeResult, LedgerPage
-from service.dodo import EffectiveAt, ProrationBillingMode
-from service.domain import AccessReason, FeatureDecision, FeatureKind, SubscriptionView
-from service.errors import InvalidArgument
-from service.plan_changes import PlanChange, PlanChangeResult
+from service.app.credit_service import ConsumeRequest, ConsumeResult, LedgerPage
+from service.domain import decimals
+from service.domain.errors import InvalidField
+from service.domain.plan_change_rules import EffectiveAt, PlanChange, PlanChangeResult, ProrationBillingMode
+from service.domain.values import AccessReason, FeatureDecision, FeatureKind, SubscriptionView
 
 _REASONS: dict[AccessReason, pb.AccessReason.ValueType] = {
     AccessReason.ACTIVE: pb.ACCESS_REASON_ACTIVE,
@@ -42,7 +41,7 @@ def timestamp(value: datetime | None) -> Timestamp | None:
 
 
 def decimal_text(value: Decimal | None) -> str:
-    return "" if value is None else credits.decimal_text(value)
+    return "" if value is None else decimals.decimal_text(value)
 
 
 def check_access_response(decision: FeatureDecision) -> pb.CheckAccessResponse:
@@ -96,7 +95,7 @@ def subscription(view: SubscriptionView) -> pb.Subscription:
         if scheduled is None
         else pb.ScheduledChange(
             product_id=scheduled.product_id,
-            quantity=scheduled.quantity,
+            quantity=scheduled.quantity or state.quantity,
             effective_at=timestamp(scheduled.effective_at),
         ),
         plan_name=view.plan_name,
@@ -163,9 +162,9 @@ def plan_change(request: pb.ChangePlanRequest) -> PlanChange:
     proration = _PRORATION.get(request.proration_mode)
     effective_at = _EFFECTIVE.get(request.effective_at)
     if proration is None:
-        raise InvalidArgument(f"unknown proration_mode {request.proration_mode}")
+        raise InvalidField("proration_mode", f"unknown proration_mode {request.proration_mode}")
     if effective_at is None:
-        raise InvalidArgument(f"unknown effective_at {request.effective_at}")
+        raise InvalidField("effective_at", f"unknown effective_at {request.effective_at}")
     return PlanChange(
         subscription_id=request.subscription_id,
         product_id=request.product_id,

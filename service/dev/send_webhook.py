@@ -1,4 +1,4 @@
-"""`python -m webhooks.send FILE.json [--type T] [--url U]`: sign a Dodo payload and post it, like Dodo's
+"""`python -m service.dev.send_webhook FILE.json [--type T] [--url U]`: sign a Dodo payload and post it, like Dodo's
 dashboard "send test event", to drive a running service by hand.
 
 The key is DODO_PAYMENTS_WEBHOOK_KEY (the first one when several are set), else the development key `make run`
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from standardwebhooks.webhooks import Webhook
 
-from webhooks.devkey import KEY_FILE
+from service.dev.devkey import KEY_FILE
 
 
 def _key() -> str:
@@ -33,7 +33,7 @@ def _key() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m webhooks.send", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m service.dev.send_webhook", description=__doc__.split("\n\n")[0])
     parser.add_argument("file", type=Path, help="a JSON webhook body (envelope with type and data)")
     parser.add_argument("--type", dest="event_type", help="override the event type, e.g. subscription.on_hold")
     parser.add_argument(

@@ -13,8 +13,8 @@ import asyncio
 import contextlib
 import logging
 
-from service.background import stop_task
-from service.cache import EntitlementCache
+from service.app.background import stop_task
+from service.app.entitlement_cache import EntitlementCache
 from storage.engine import Database
 from storage.errors import is_database_unavailable
 from storage.repositories.changes import publish_changes

@@ -10,13 +10,14 @@ from typing import Any
 
 import asyncpg
 
-from service.catalog import Catalog
-from service.credit_grants import apply_dodo_ledger_entry
-from service.errors import MalformedPayload
-from service.snapshots import apply_snapshot
+from service.app.credit_grants import apply_dodo_ledger_entry
+from service.app.snapshots import apply_snapshot
+from service.domain.catalog import Catalog
+from service.domain.dodo_events import CREDIT_LEDGER_EVENTS, SUBSCRIPTION_EVENTS, Event
+from service.domain.dodo_payloads import read_subscription
+from service.domain.errors import MalformedPayload
 from storage.engine import Connection, Database
 from storage.repositories.inbox import InboxRepository
-from webhooks.events import CREDIT_LEDGER_EVENTS, SUBSCRIPTION_EVENTS, Event
 
 log = logging.getLogger("entitlements.webhooks")
 
@@ -86,7 +87,7 @@ async def _handle(
     """(outcome, the inbox row's subject, the customers whose entitlements changed)."""
     family = event.type.split(".", 1)[0]
     if event.type in SUBSCRIPTION_EVENTS:
-        result = await apply_snapshot(connection, catalog, event.data, event.timestamp)
+        result = await apply_snapshot(connection, catalog, read_subscription(event.data), event.timestamp)
         if not result.applied:
             moved = (result.current.customer_id,) if result.hold_moved else ()
             return Outcome.STALE, result.current.subscription_id, moved

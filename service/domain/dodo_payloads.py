@@ -7,12 +7,13 @@ extra and loosely typed fields and strict only about what the rules cannot do wi
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from service.domain import Addon, CartCredit, ScheduledChange, SubscriptionState
-from service.errors import MalformedPayload
+from service.domain.errors import MalformedPayload
+from service.domain.values import Addon, CartCredit, ScheduledChange, SubscriptionState
 
 
 def parse_time(value: Any, field: str) -> datetime:
@@ -92,9 +93,21 @@ def _scheduled(value: Any) -> ScheduledChange | None:
         return None
     return ScheduledChange(
         product_id=str(value["product_id"]),
-        quantity=_int(value, "quantity", 1),
+        quantity=_int(value, "quantity") if isinstance(value.get("quantity"), int) else None,
         effective_at=optional_time(value.get("effective_at"), "scheduled_change.effective_at"),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class DodoSubscription:
+    """A Dodo Subscription object read once: the snapshot the rules use, and the raw JSON stored beside it."""
+
+    state: SubscriptionState
+    payload: dict[str, Any]
+
+
+def read_subscription(data: dict[str, Any]) -> DodoSubscription:
+    return DodoSubscription(parse_subscription(data), data)
 
 
 def parse_subscription(data: Mapping[str, Any]) -> SubscriptionState:

@@ -6,6 +6,7 @@ Plain frozen dataclasses: no protobuf, no ORM. Storage maps rows to these, the s
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -50,7 +51,7 @@ class FeatureKind(enum.StrEnum):
 @dataclass(frozen=True, slots=True)
 class ScheduledChange:
     product_id: str
-    quantity: int
+    quantity: int | None  # None when Dodo left it out (then it is the current quantity)
     effective_at: datetime | None
 
 
@@ -119,6 +120,26 @@ class Account:
     credit: str
     balance: Decimal = Decimal(0)
     grants: tuple[Grant, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """A credit ledger row: immutable once written. `kind` is consumption, plan_grant, grant_expiry or
+    dodo_<transaction_type> (a mirrored Dodo ledger entry)."""
+
+    entry_id: str
+    customer_id: str
+    credit: str
+    amount: Decimal
+    balance_after: Decimal
+    kind: str
+    source: str
+    idempotency_key: str | None = None
+    fingerprint: str | None = None
+    dodo_entry_id: str | None = None
+    description: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,13 +18,24 @@ from decimal import Decimal
 
 import asyncpg
 
-from service import access, credits
-from service.cache import EntitlementCache
-from service.catalog import Catalog
-from service.change_feed import ChangeFeed
-from service.clock import Clock
-from service.domain import AccessReason, Account, FeatureKind
-from service.errors import DomainError, IdempotencyKeyReused, InsufficientCredits, InvalidArgument, PermissionDenied
+from service.app.change_feed import ChangeFeed
+from service.app.entitlement_cache import EntitlementCache
+from service.domain import access_rules as access
+from service.domain import credit_rules as credits
+from service.domain import decimals
+from service.domain.catalog import Catalog
+from service.domain.clock import Clock
+from service.domain.errors import (
+    CreditAccessDenied,
+    DomainError,
+    IdempotencyKeyReused,
+    InsufficientCredits,
+    InvalidField,
+    InvalidPageToken,
+    MissingField,
+    UnknownCredit,
+)
+from service.domain.values import AccessReason, Account, FeatureKind, LedgerEntry
 from storage.engine import Database
 from storage.repositories.credits import CreditRepository, StoredEntry
 
@@ -53,12 +64,12 @@ class ConsumeResult:
 
     @property
     def overage_after(self) -> Decimal:
-        return max(credits.MATH.minus(self.balance_after), credits.ZERO)
+        return max(decimals.MATH.minus(self.balance_after), decimals.ZERO)
 
 
 @dataclass(frozen=True, slots=True)
 class LedgerPage:
-    entries: list[credits.Entry]
+    entries: list[LedgerEntry]
     next_page_token: str
 
 
@@ -83,7 +94,7 @@ class _Pending:
 
 @dataclass(frozen=True, slots=True)
 class _Spent:
-    entry: credits.Entry
+    entry: LedgerEntry
     result: ConsumeResult
 
 
@@ -124,18 +135,18 @@ class CreditService:
 
     def _credit_key(self, credit: str) -> str:
         if not credit:
-            raise InvalidArgument("credit is required")
+            raise MissingField("credit")
         if self.catalog.kind_of(credit) is not FeatureKind.CREDIT:
-            raise InvalidArgument(f"unknown credit {credit!r}: not a credit of the catalog")
+            raise UnknownCredit(credit)
         return credit
 
     async def consume(self, request: ConsumeRequest) -> ConsumeResult:
         if not request.customer_id:
-            raise InvalidArgument("customer_id is required")
+            raise MissingField("customer_id")
         self._credit_key(request.credit)
-        amount = credits.parse_amount(request.amount)
+        amount = decimals.parse_amount(request.amount)
         if not request.idempotency_key:
-            raise InvalidArgument("idempotency_key is required")
+            raise MissingField("idempotency_key")
         customer = await self.cache.get(request.customer_id, balances=False)
         now = self.clock()
         decision = access.feature_access(customer.subscriptions, self.catalog, request.credit, now)
@@ -197,11 +208,11 @@ class CreditService:
         accounts = await repository.lock_many([p.account_key for p in wanted]) if wanted else {}
         # After the locks: anything committed by a writer we waited for is visible to this read.
         seen = await repository.by_idempotency_keys(list({p.idempotency for p in batch}))
-        entries: list[credits.Entry] = []
+        entries: list[LedgerEntry] = []
         touched: dict[tuple[str, str], Account] = {}
         # Expiry is decided now but written only with a consumption of the same account: a refused request
         # leaves the account exactly as it was (its effective balance already excludes expired grants).
-        expiries: dict[tuple[str, str], list[credits.Entry]] = {}
+        expiries: dict[tuple[str, str], list[LedgerEntry]] = {}
         for key, account in accounts.items():
             accounts[key], expiries[key] = credits.expire(account, now)
         outcomes: list[ConsumeResult | DomainError] = []
@@ -218,7 +229,7 @@ class CreditService:
         return outcomes
 
     def _one(
-        self, pending: _Pending, seen: dict[tuple[str, str], credits.Entry], accounts: dict[tuple[str, str], Account]
+        self, pending: _Pending, seen: dict[tuple[str, str], LedgerEntry], accounts: dict[tuple[str, str], Account]
     ) -> ConsumeResult | DomainError | _Spent:
         """One request of a batch, in arrival order; `seen` and `accounts` carry the batch's effects forward."""
         request = pending.request
@@ -230,7 +241,7 @@ class CreditService:
                 )
             return ConsumeResult(prior.entry_id, prior.balance_after, replayed=True)
         if pending.denied is not None:
-            return PermissionDenied(
+            return CreditAccessDenied(
                 f"customer has no access to credit {request.credit!r} ({pending.denied.value.lower()})",
                 reason=pending.denied.code,
             )
@@ -238,18 +249,18 @@ class CreditService:
         try:
             account, balance = credits.consume(account, pending.amount, pending.overage_limit)
         except credits.Insufficient as short:
-            available = credits.decimal_text(short.available)
-            ceiling = credits.decimal_text(pending.overage_limit)
+            available = decimals.decimal_text(short.available)
+            ceiling = decimals.decimal_text(pending.overage_limit)
             return InsufficientCredits(
                 f"not enough {request.credit}: balance {available}, overage limit {ceiling}, "
-                f"requested {credits.decimal_text(pending.amount)}",
+                f"requested {decimals.decimal_text(pending.amount)}",
                 metadata={"balance": available, "overage_limit": ceiling},
             )
-        entry = credits.Entry(
+        entry = LedgerEntry(
             entry_id=credits.new_entry_id(),
             customer_id=request.customer_id,
             credit=request.credit,
-            amount=credits.MATH.minus(pending.amount),
+            amount=decimals.MATH.minus(pending.amount),
             balance_after=balance,
             kind="consumption",
             source=request.idempotency_key,
@@ -264,10 +275,10 @@ class CreditService:
 
     async def ledger(self, customer_id: str, credit: str, page_size: int, page_token: str) -> LedgerPage:
         if not customer_id:
-            raise InvalidArgument("customer_id is required")
+            raise MissingField("customer_id")
         self._credit_key(credit)
         if page_size < 0:
-            raise InvalidArgument("page_size must not be negative")
+            raise InvalidField("page_size", "page_size must not be negative")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         before = _decode_token(page_token) if page_token else None
         async with self.db.connection() as connection:
@@ -299,4 +310,4 @@ def _decode_token(token: str) -> int:
             raise ValueError(token)
         return cursor
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidArgument("page_token is not one this service issued") from None
+        raise InvalidPageToken() from None

@@ -14,11 +14,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from service.catalog import Catalog
-from service.clock import Clock
-from service.dodo import DodoError, DodoGateway, DodoNotFound
-from service.snapshots import apply_snapshot
+from service.app.dodo_gateway import DodoGateway
+from service.app.snapshots import apply_snapshot
+from service.domain.catalog import Catalog
+from service.domain.clock import Clock
+from service.domain.errors import DomainError, SubscriptionNotFound
 from storage.engine import Database
+from storage.repositories.subscriptions import SubscriptionRepository
 
 log = logging.getLogger("entitlements.reconcile")
 
@@ -62,33 +64,20 @@ class RateLimiter:
         self._next = now + self.interval
 
 
-_STALE = """
-SELECT subscription_id FROM subscriptions
-WHERE (
-        (status = 'active' AND next_billing_date < $1::timestamptz - $2::interval)
-     OR status IN ('on_hold', 'past_due')
-     OR (cancel_at_next_billing_date AND next_billing_date < $1 AND status = 'active')
-     OR last_event_at < $1::timestamptz - $3::interval
-  )
-  -- Asked Dodo recently and it still says so: no point asking again on every pass.
-  AND (refreshed_at IS NULL OR refreshed_at < $1::timestamptz - $4::interval)
-ORDER BY subscription_id
-"""
-
-
 async def stale_ids(db: Database, now: datetime, policy: StalePolicy) -> list[str]:
-    """Subscriptions whose local state may be out of date: active well past the period end without a renewal;
-    in payment trouble (Dodo moves these on and we must not miss it); a scheduled cancellation past its end that
-    never arrived; or nothing heard, from webhooks or from Dodo itself, for a long time."""
+    """Subscriptions whose local state may be out of date (see SubscriptionRepository.stale_ids)."""
     async with db.connection() as connection:
-        rows = await connection.fetch(_STALE, now, policy.renewal_margin, policy.refresh_after, policy.recheck_after)
-    return [row["subscription_id"] for row in rows]
+        return await SubscriptionRepository(connection).stale_ids(
+            now,
+            renewal_margin=policy.renewal_margin,
+            silent_for=policy.refresh_after,
+            recheck_after=policy.recheck_after,
+        )
 
 
 async def all_ids(db: Database) -> list[str]:
     async with db.connection() as connection:
-        rows = await connection.fetch("SELECT subscription_id FROM subscriptions ORDER BY subscription_id")
-    return [row["subscription_id"] for row in rows]
+        return await SubscriptionRepository(connection).all_ids()
 
 
 async def reconcile(
@@ -107,18 +96,18 @@ async def reconcile(
         report.checked += 1
         asked_at = clock()  # the snapshot holds every change up to here
         try:
-            data = await dodo.get_subscription(subscription_id)
-        except DodoNotFound:
+            fetched = await dodo.get_subscription(subscription_id)
+        except SubscriptionNotFound:
             log.warning("reconcile.missing", extra={"subscription_id": subscription_id})
             report.missing.append(subscription_id)
             continue
-        except DodoError as error:
+        except DomainError as error:
             log.warning("reconcile.fetch_failed", extra={"subscription_id": subscription_id, "why": error.message})
             report.failed.append(subscription_id)
             continue
         try:
             async with db.tx() as connection:
-                outcome = await apply_snapshot(connection, catalog, data, asked_at, refreshed_at=clock())
+                outcome = await apply_snapshot(connection, catalog, fetched, asked_at, refreshed_at=clock())
         except Exception:
             # One unreadable or unstorable subscription must not stall every one after it, pass after pass.
             log.exception("reconcile.apply_failed", extra={"subscription_id": subscription_id})

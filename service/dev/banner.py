@@ -15,7 +15,7 @@ def banner(settings: Settings) -> str:
   catalog  {settings.catalog_path}
 
   Drive the lifecycle by hand (another terminal), as Dodo's "send test event" does:
-    .venv/bin/python -m webhooks.send tests/fixtures/dodo/subscription_active.json --url http://{http_addr}/webhooks/dodo
+    .venv/bin/python -m service.dev.send_webhook tests/fixtures/dodo/subscription_active.json --url http://{http_addr}/webhooks/dodo
 
   Then ask (Python):
     .venv/bin/python -m entitlements_client --target {grpc_addr} check-access cus_5Hq2LrT9vXcW3mK8pZ1dE dashboard

@@ -8,10 +8,10 @@ import grpc
 from entitlements.v1 import entitlements_pb2 as pb
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 
-from service import convert
-from service.consumption import CreditService
-from service.entitlements import EntitlementReader
-from service.plan_changes import PlanChanger
+from service.app.credit_service import CreditService
+from service.app.entitlement_reader import EntitlementReader
+from service.app.plan_changer import PlanChanger
+from service.grpc import conversion as convert
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -13,10 +13,10 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, cast
 
-from service.domain import FeatureKind
+from service.domain.values import FeatureKind
 
 DEFAULT_GRACE_PERIOD_DAYS = 7
-EXAMPLE_CATALOG = Path(__file__).with_name("catalog.example.toml")
+EXAMPLE_CATALOG = Path(__file__).resolve().parent.parent / "catalog.example.toml"
 
 
 class CatalogError(ValueError):

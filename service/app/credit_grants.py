@@ -11,11 +11,12 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from service import access, credits
-from service.catalog import Catalog
-from service.domain import AccessReason, SubscriptionState
-from service.errors import MalformedPayload
-from service.payloads import parse_decimal, parse_time
+from service.domain import access_rules as access
+from service.domain import credit_rules as credits
+from service.domain.catalog import Catalog
+from service.domain.dodo_payloads import parse_decimal, parse_time
+from service.domain.errors import MalformedPayload
+from service.domain.values import AccessReason, LedgerEntry, SubscriptionState
 from storage.engine import Connection
 from storage.repositories.credits import CreditRepository
 
@@ -37,7 +38,7 @@ async def grant_for_period(
     previous: SubscriptionState | None,
     sub: SubscriptionState,
     at: datetime,
-) -> list[credits.Entry]:
+) -> list[LedgerEntry]:
     """Grant the plan's credits for the subscription's current period, once, if it grants access at `at`.
 
     Each (subscription, credit, period) is claimed in the database, so a grant happens once however often the
@@ -48,7 +49,7 @@ async def grant_for_period(
     if not due or due == _grants_due(previous, catalog, at):
         return []
     repository = CreditRepository(connection)
-    written: list[credits.Entry] = []
+    written: list[LedgerEntry] = []
     for grant in due:
         account = await repository.claim_period_grant(
             subscription_id=sub.subscription_id,

@@ -7,68 +7,21 @@ balance is positive the grants' remaining amounts add up to it; in overage (bala
 
 from __future__ import annotations
 
-import hashlib
-import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
-from decimal import Context, Decimal
+from decimal import Decimal
 
-import orjson
-
-from service import access
-from service.catalog import Catalog, CreditDef
-from service.domain import Account, Grant, SubscriptionState
-from service.errors import InvalidArgument
-
-# Amounts have up to 20 integer and 18 fractional digits; sums of many stay exact with this much precision
-# (the default context's 28 digits would round silently).
-MATH = Context(prec=100)
-ZERO = Decimal(0)
-# ASCII digits only: \d would also match other scripts' digits, which Decimal() silently reads.
-_AMOUNT = re.compile(r"^([0-9]{1,20})(?:\.([0-9]{1,18}))?$")
-
-
-def parse_amount(text: str) -> Decimal:
-    """A positive decimal in plain notation: "25", "0.25". Refuses "0", "-5", "1e3", "NaN", " 5"."""
-    if not _AMOUNT.fullmatch(text or ""):
-        raise InvalidArgument(
-            "amount must be a positive decimal string with at most 20 digits before the point and 18 after, "
-            f"got {text!r}"
-        )
-    amount = Decimal(text)
-    if amount <= 0:
-        raise InvalidArgument(f"amount must be greater than zero, got {text!r}")
-    return amount
-
-
-def decimal_text(value: Decimal) -> str:
-    """Plain notation, no exponent, no trailing zeros after the point: "1500", "0.25", "-3"."""
-    return format(value.normalize(MATH), "f") if value != 0 else "0"
+from service.domain import access_rules as access
+from service.domain import fingerprints
+from service.domain.catalog import Catalog, CreditDef
+from service.domain.decimals import MATH, ZERO, decimal_text
+from service.domain.values import Account, Grant, LedgerEntry, SubscriptionState
 
 
 def new_entry_id() -> str:
     return f"cle_{uuid.uuid4().hex}"
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """A ledger row to append: immutable once written."""
-
-    entry_id: str
-    customer_id: str
-    credit: str
-    amount: Decimal
-    balance_after: Decimal
-    kind: str
-    source: str
-    idempotency_key: str | None = None
-    fingerprint: str | None = None
-    dodo_entry_id: str | None = None
-    description: str = ""
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    created_at: datetime | None = None
 
 
 class Insufficient(Exception):
@@ -108,9 +61,9 @@ def burn(grants: Sequence[Grant], amount: Decimal) -> tuple[Grant, ...]:
     return tuple(kept)
 
 
-def expire(account: Account, now: datetime) -> tuple[Account, list[Entry]]:
+def expire(account: Account, now: datetime) -> tuple[Account, list[LedgerEntry]]:
     """Write down grants whose expiry has passed: one negative entry per expired grant with credits left."""
-    entries: list[Entry] = []
+    entries: list[LedgerEntry] = []
     balance = account.balance
     live: list[Grant] = []
     for grant in account.grants:
@@ -119,7 +72,7 @@ def expire(account: Account, now: datetime) -> tuple[Account, list[Entry]]:
             continue
         balance = MATH.subtract(balance, grant.remaining)
         entries.append(
-            Entry(
+            LedgerEntry(
                 entry_id=new_entry_id(),
                 customer_id=account.customer_id,
                 credit=account.credit,
@@ -134,21 +87,21 @@ def expire(account: Account, now: datetime) -> tuple[Account, list[Entry]]:
 
 def credit(
     account: Account, amount: Decimal, *, grant_id: str, expires_at: datetime | None, source: str, kind: str
-) -> tuple[Account, Entry]:
+) -> tuple[Account, LedgerEntry]:
     """Add credits. A balance in overage is paid back first; only what is left becomes a burnable grant."""
     balance = MATH.add(account.balance, amount)
     grants = account.grants
     granted = min(amount, max(balance, ZERO))
     if granted > 0:
         grants = (*grants, Grant(grant_id, granted, expires_at, source))
-    entry = Entry(new_entry_id(), account.customer_id, account.credit, amount, balance, kind, source)
+    entry = LedgerEntry(new_entry_id(), account.customer_id, account.credit, amount, balance, kind, source)
     return replace(account, balance=balance, grants=grants), entry
 
 
-def debit(account: Account, amount: Decimal, *, source: str, kind: str) -> tuple[Account, Entry]:
+def debit(account: Account, amount: Decimal, *, source: str, kind: str) -> tuple[Account, LedgerEntry]:
     """Remove credits unconditionally (a Dodo ledger deduction); the balance may go below zero."""
     balance = MATH.subtract(account.balance, amount)
-    entry = Entry(new_entry_id(), account.customer_id, account.credit, MATH.minus(amount), balance, kind, source)
+    entry = LedgerEntry(new_entry_id(), account.customer_id, account.credit, MATH.minus(amount), balance, kind, source)
     return replace(account, balance=balance, grants=burn(account.grants, amount)), entry
 
 
@@ -161,17 +114,10 @@ def consume(account: Account, amount: Decimal, overage_limit: Decimal) -> tuple[
 
 
 def fingerprint(credit_key: str, amount: Decimal, description: str, metadata: Mapping[str, str]) -> str:
-    """What "the same parameters" means for an idempotency key."""
-    canonical = orjson.dumps(
-        {
-            "credit": credit_key,
-            "amount": format(amount.normalize(MATH), "f"),
-            "description": description,
-            "metadata": dict(metadata),
-        },
-        option=orjson.OPT_SORT_KEYS,
+    """What "the same parameters" means for a ConsumeCredits idempotency key."""
+    return fingerprints.fingerprint(
+        {"credit": credit_key, "amount": decimal_text(amount), "description": description, "metadata": dict(metadata)}
     )
-    return hashlib.sha256(canonical).hexdigest()
 
 
 def overage_limit(definition: CreditDef, subs: Iterable[SubscriptionState], catalog: Catalog, now: datetime) -> Decimal:

@@ -1,0 +1,216 @@
+"""Domain errors. Each names a condition and carries its gRPC and HTTP status on its base; one interceptor and one
+aiohttp middleware map them, so expected outcomes never surface as UNKNOWN, INTERNAL or 500.
+
+The bases (`InvalidArgument`, `NotFound`, `FailedPrecondition`, ...) are what transports map; code raises the
+named condition. `ConfigurationError` is not a domain error: it stops a process at start, and only `__main__`
+turns it into an exit code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+
+
+class ConfigurationError(Exception):
+    """The process cannot start as configured (empty webhook key, bad catalog, port taken, schema not at head)."""
+
+
+class DomainError(Exception):
+    grpc_code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION
+    http_status: int = 409
+    # google.rpc.ErrorInfo reason, for callers that must branch on the condition.
+    reason: str = ""
+
+    def __init__(self, message: str, *, reason: str = "", metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason:
+            self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+
+# --- the bases, one per status ---------------------------------------------------------------------------------
+
+
+class InvalidArgument(DomainError):
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 400
+
+
+class NotFound(DomainError):
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    http_status = 404
+
+
+class FailedPrecondition(DomainError):
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 409
+
+
+class ResourceExhausted(DomainError):
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
+
+
+class PermissionDenied(DomainError):
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    http_status = 403
+
+
+class Unavailable(DomainError):
+    """A dependency (Postgres, Dodo) is unreachable or busy: safe to retry. The one family for every such case."""
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+
+
+class Internal(DomainError):
+    """Our own misconfiguration (e.g. Dodo refusing our API key): generic to the caller, loud in the logs."""
+
+    grpc_code = grpc.StatusCode.INTERNAL
+    http_status = 500
+
+
+# --- invalid input ---------------------------------------------------------------------------------------------
+
+
+class InvalidField(InvalidArgument):
+    """One request field breaks its rule; `field` names it for callers and for ErrorInfo."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class MissingField(InvalidField):
+    def __init__(self, field: str) -> None:
+        super().__init__(field, f"{field} is required")
+
+
+class UnknownFeature(InvalidField):
+    def __init__(self, feature: str) -> None:
+        super().__init__("feature", f"unknown feature {feature!r}: not a feature, limit or credit of the catalog")
+
+
+class UnknownCredit(InvalidField):
+    def __init__(self, credit: str) -> None:
+        super().__init__("credit", f"unknown credit {credit!r}: not a credit of the catalog")
+
+
+class InvalidAmount(InvalidField):
+    pass
+
+
+class InvalidPageToken(InvalidField):
+    def __init__(self) -> None:
+        super().__init__("page_token", "page_token is not one this service issued")
+
+
+class ProductNotInCatalog(InvalidField):
+    def __init__(self, product_id: str) -> None:
+        super().__init__("product_id", f"product {product_id!r} is not in the plan catalog")
+
+
+class PlanUnchanged(InvalidArgument):
+    def __init__(self) -> None:
+        super().__init__("the subscription already has this product and quantity")
+
+
+class MalformedPayload(InvalidArgument):
+    """A signed webhook (or a Dodo answer) whose body is not what Dodo sends: not JSON, no type/data, unreadable."""
+
+
+# --- not found -------------------------------------------------------------------------------------------------
+
+
+class SubscriptionNotFound(NotFound):
+    def __init__(self, subscription_id: str, *, at_dodo: bool = False) -> None:
+        where = " at Dodo" if at_dodo else ""
+        super().__init__(f"subscription {subscription_id!r} not found{where}")
+        self.subscription_id = subscription_id
+
+
+class CustomerHasNoSubscription(NotFound):
+    def __init__(self, customer_id: str) -> None:
+        super().__init__(f"customer {customer_id!r} has no subscription")
+
+
+# --- preconditions ---------------------------------------------------------------------------------------------
+
+
+class IdempotencyKeyReused(FailedPrecondition):
+    reason = "IDEMPOTENCY_KEY_REUSED"
+
+
+class SubscriptionNotActive(FailedPrecondition):
+    def __init__(self, status: str) -> None:
+        super().__init__(f"subscription is {status!r}; only an active subscription can change plan")
+
+
+class PlanChangeAlreadyScheduled(FailedPrecondition):
+    def __init__(self) -> None:
+        super().__init__("a plan change is already scheduled for this subscription")
+
+
+class DodoRefused(FailedPrecondition):
+    """Dodo understood the request and refused it (409, 422, other 4xx): sending it again won't help."""
+
+    def __init__(self, message: str, *, status: int, code: str | None = None) -> None:
+        super().__init__(f"Dodo refused the request: {message or f'HTTP {status}'}")
+        self.dodo_message = message
+        self.status = status
+        self.code = code
+
+
+# --- credits ---------------------------------------------------------------------------------------------------
+
+
+class InsufficientCredits(ResourceExhausted):
+    http_status = 402
+    reason = "INSUFFICIENT_CREDITS"
+
+
+class CreditAccessDenied(PermissionDenied):
+    """Consuming a credit the customer has no access to; the reason is the AccessReason code."""
+
+
+# --- unavailable -----------------------------------------------------------------------------------------------
+
+
+class StorageUnavailable(Unavailable):
+    def __init__(self) -> None:
+        super().__init__("storage unavailable, retry later")
+
+
+class RequestInFlight(Unavailable):
+    """Another attempt with the same idempotency key holds it right now."""
+
+
+class DodoUnavailable(Unavailable):
+    """No usable answer from Dodo (timeout, connection error, 429, 5xx, unreadable body): the call may be retried.
+
+    `outcome_unknown` is True when the request may have reached Dodo and taken effect (a read timeout, a 5xx):
+    after a mutation, read the state back before deciding whether to send it again.
+    """
+
+    def __init__(
+        self, detail: str, *, status: int | None = None, outcome_unknown: bool = True, message: str = ""
+    ) -> None:
+        super().__init__(message or f"Dodo is unavailable ({detail}); safe to retry")
+        self.detail = detail
+        self.status = status
+        self.outcome_unknown = outcome_unknown
+
+
+# --- our own configuration -------------------------------------------------------------------------------------
+
+
+class DodoMisconfigured(Internal):
+    """Dodo refused our API key, or none is configured: every call fails until an operator acts."""
+
+    def __init__(self, detail: str, *, status: int | None = None) -> None:
+        super().__init__("the request could not be made: the service is misconfigured")
+        self.detail = detail
+        self.status = status
