@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from service.domain.errors import ConfigurationError
 from service.logs import configure as configure_logging
 from service.settings import Settings
 
@@ -23,8 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--all", action="store_true", help="every stored subscription")
     args = parser.parse_args(argv)
     configure_logging(logging.INFO)
-    settings = Settings()
+    try:
+        return _run(args, Settings())
+    except ConfigurationError as exc:
+        print(f"entitlements: refusing to start: {exc}", file=sys.stderr)
+        return 2
 
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "migrate":
         from storage.migrate import upgrade
 
@@ -47,11 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from service.server import serve
 
-        try:
-            uvloop.run(serve(settings))
-        except ValueError as exc:  # configuration refused at start (empty webhook key, bad catalog)
-            print(f"entitlements: refusing to start: {exc}", file=sys.stderr)
-            return 2
+        uvloop.run(serve(settings))
         return 0
     return 2
 

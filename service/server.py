@@ -1,8 +1,14 @@
-"""Assembly and lifecycle: gRPC and the webhook HTTP app in one process and one event loop."""
+"""Assembly and lifecycle: gRPC and the webhook HTTP app in one process and one event loop.
+
+`start()` registers the way to stop each part right after that part started, on one exit stack: `stop()` (or a
+failure half-way through `start()`) stops exactly what was started, in reverse order. Background loops all go
+through one `BackgroundTasks`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -14,6 +20,7 @@ from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.app.background import BackgroundTasks
 from service.app.change_feed import ChangeFeed
 from service.app.credit_service import CreditService
 from service.app.dodo_gateway import DodoGateway
@@ -21,8 +28,10 @@ from service.app.entitlement_cache import EntitlementCache
 from service.app.entitlement_reader import EntitlementReader
 from service.app.plan_changer import PlanChanger
 from service.app.reconciler import RateLimiter, reconcile_forever
+from service.app.webhook_ingest import WebhookIngest
 from service.domain.catalog import Catalog, load_catalog
 from service.domain.clock import Clock, utc_now
+from service.domain.errors import ConfigurationError
 from service.grpc.interceptors import AuthInterceptor, ErrorInterceptor
 from service.grpc.servicer import EntitlementServicer
 from service.reconcile_cli import stale_policy
@@ -43,33 +52,22 @@ def split_addr(addr: str) -> tuple[str, int]:
 
 @dataclass
 class Running:
-    grpc_server: grpc.aio.Server
     grpc_port: int
-    http_runner: web.AppRunner
     http_port: int
     db: Database
     cache: EntitlementCache
     changes: ChangeFeed
     dodo: DodoGateway
-    health: health.aio.HealthServicer
-    lifecycle: Lifecycle
     catalog: Catalog
+    tasks: BackgroundTasks
+    _stack: contextlib.AsyncExitStack
+    _grace: list[float]
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
-    background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float) -> None:
-        """Health NOT_SERVING first, then let in-flight calls drain for up to `grace` seconds."""
-        self.lifecycle.draining = True
-        for task in self.background:
-            task.cancel()
-        await asyncio.gather(*self.background, return_exceptions=True)
-        await self.health.enter_graceful_shutdown()
-        await self.grpc_server.stop(grace)
-        await self.http_runner.cleanup()
-        await self.changes.stop()
-        await self.cache.stop()
-        await self.dodo.close()
-        await self.db.close()
+        """Health NOT_SERVING first, then let in-flight calls drain for up to `grace` seconds, then the rest."""
+        self._grace[0] = grace
+        await self._stack.aclose()
         self.stopped.set()
 
 
@@ -83,64 +81,96 @@ async def start(
 ) -> Running:
     catalog = catalog or load_catalog(settings.catalog_path)
     verifier = SignatureVerifier(settings.webhook_keys)
-    db = db or Database.from_url(settings.require_database(), pool_size=settings.db_pool_size)
-    cache = EntitlementCache(db, max_customers=settings.cache_max_customers)
-    await cache.start()
-    changes = ChangeFeed(db, cache)
-    await changes.start()
-    reader = EntitlementReader(db, catalog, clock, cache)
-
-    server = grpc.aio.server(
-        # Without tokens (development) the auth interceptor would only cost time on every call.
-        interceptors=[*([AuthInterceptor(settings.api_tokens)] if settings.api_tokens else []), ErrorInterceptor()],
-        options=[("grpc.so_reuseport", 0)],
-    )
-    credit_service = CreditService(db, catalog, clock, cache, changes, shards=settings.credit_writers)
-    dodo = dodo or DodoGateway(
-        settings.dodo_payments_api_key, settings.dodo_payments_base_url, settings.dodo_timeout_seconds
-    )
-    plans = PlanChanger(db, catalog, clock, dodo, reader, changes)
-    pb_grpc.add_EntitlementServiceServicer_to_server(EntitlementServicer(reader, credit_service, plans), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
-    grpc_port = server.add_insecure_port(settings.grpc_addr)
-    if grpc_port == 0:
-        raise SystemExit(f"cannot listen for gRPC on {settings.grpc_addr}")
-    await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-
-    lifecycle = Lifecycle()
-    runner = web.AppRunner(
-        create_app(db=db, catalog=catalog, verifier=verifier, lifecycle=lifecycle, on_change=changes.committed),
-        access_log=None,
-    )
-    await runner.setup()
-    host, port = split_addr(settings.http_addr)
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    http_port = runner.addresses[0][1]
-    log.info("server.started", extra={"grpc_port": grpc_port, "http_port": http_port})
-    running = Running(
-        server, grpc_port, runner, http_port, db, cache, changes, dodo, health_servicer, lifecycle, catalog
-    )
-    if settings.reconcile_interval_seconds > 0:
-        loop = reconcile_forever(
-            interval=settings.reconcile_interval_seconds,
-            db=db,
-            dodo=dodo,
-            catalog=catalog,
-            clock=clock,
-            limiter=RateLimiter(settings.reconcile_rate_per_minute),
-            policy=stale_policy(settings),
-            on_change=changes.committed,
+    grace = [settings.shutdown_grace_seconds]
+    async with contextlib.AsyncExitStack() as stack:
+        db = db or Database.from_url(settings.require_database(), pool_size=settings.db_pool_size)
+        stack.push_async_callback(db.close)
+        dodo = dodo or DodoGateway(
+            settings.dodo_payments_api_key, settings.dodo_payments_base_url, settings.dodo_timeout_seconds
         )
-        running.background.append(asyncio.create_task(loop, name="reconcile"))
-    return running
+        stack.push_async_callback(dodo.close)
+        tasks = BackgroundTasks()
+        stack.push_async_callback(tasks.stop)
+
+        cache = EntitlementCache(db, max_customers=settings.cache_max_customers)
+        cache.start(tasks)
+        changes = ChangeFeed(db, cache)
+        changes.start(tasks)
+        reader = EntitlementReader(db, catalog, clock, cache)
+        credit_service = CreditService(db, catalog, clock, cache, changes, shards=settings.credit_writers)
+        credit_service.start(tasks)
+        plans = PlanChanger(db, catalog, clock, dodo, reader, changes)
+        if settings.reconcile_interval_seconds > 0:
+            loop = reconcile_forever(
+                interval=settings.reconcile_interval_seconds,
+                db=db,
+                dodo=dodo,
+                catalog=catalog,
+                clock=clock,
+                limiter=RateLimiter(settings.reconcile_rate_per_minute),
+                policy=stale_policy(settings),
+                on_change=changes.committed,
+            )
+            tasks.spawn("reconcile", loop)
+
+        # HTTP before gRPC, so that on stop (reverse order) in-flight RPCs drain while /readyz still says 503.
+        lifecycle = Lifecycle()
+        runner = web.AppRunner(
+            create_app(db=db, verifier=verifier, lifecycle=lifecycle, ingest=WebhookIngest(db, catalog, changes)),
+            access_log=None,
+        )
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        http_port = await _listen_http(runner, settings.http_addr)
+
+        server = grpc.aio.server(
+            # Without tokens (development) the auth interceptor would only cost time on every call.
+            interceptors=[*([AuthInterceptor(settings.api_tokens)] if settings.api_tokens else []), ErrorInterceptor()],
+            options=[("grpc.so_reuseport", 0)],
+        )
+        pb_grpc.add_EntitlementServiceServicer_to_server(EntitlementServicer(reader, credit_service, plans), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        grpc_port = _listen_grpc(server, settings.grpc_addr)
+        await server.start()
+        stack.push_async_callback(lambda: server.stop(grace[0]))
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        async def drain() -> None:
+            lifecycle.draining = True
+            await health_servicer.enter_graceful_shutdown()
+
+        # Last in, first out: on stop, load balancers are told first, before anything closes.
+        stack.push_async_callback(drain)
+        log.info("server.started", extra={"grpc_port": grpc_port, "http_port": http_port})
+        return Running(
+            grpc_port, http_port, db, cache, changes, dodo, catalog, tasks, _stack=stack.pop_all(), _grace=grace
+        )
+    raise AssertionError("unreachable")  # pragma: no cover  # the block either returns or raises
+
+
+def _listen_grpc(server: grpc.aio.Server, addr: str) -> int:
+    try:
+        port = server.add_insecure_port(addr)
+    except RuntimeError as error:  # grpc raises on a taken port; older releases returned 0
+        raise ConfigurationError(f"cannot listen for gRPC on {addr}: address in use or not available") from error
+    if port == 0:
+        raise ConfigurationError(f"cannot listen for gRPC on {addr}: address in use or not available")
+    return port
+
+
+async def _listen_http(runner: web.AppRunner, addr: str) -> int:
+    host, port = split_addr(addr)
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as error:
+        raise ConfigurationError(f"cannot listen for HTTP on {addr}: {error.strerror or error}") from None
+    return int(runner.addresses[0][1])
 
 
 async def serve(settings: Settings) -> None:

@@ -8,9 +8,11 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.domain.catalog import EXAMPLE_CATALOG
+from service.domain.errors import ConfigurationError
 
 
-def _split(value: str | None) -> tuple[str, ...]:
+def comma_list(value: str | None) -> tuple[str, ...]:
+    """`a, b,,c` -> ("a", "b", "c"): the one parser of every comma-separated setting."""
     return tuple(part.strip() for part in (value or "").split(",") if part.strip())
 
 
@@ -43,13 +45,13 @@ class Settings(BaseSettings):
 
     @property
     def webhook_keys(self) -> tuple[str, ...]:
-        return _split(self.dodo_payments_webhook_key)
+        return comma_list(self.dodo_payments_webhook_key)
 
     @property
     def api_tokens(self) -> frozenset[str]:
-        return frozenset(_split(self.api_tokens_raw))
+        return frozenset(comma_list(self.api_tokens_raw))
 
     def require_database(self) -> str:
         if not self.database_url:
-            raise SystemExit("DATABASE_URL is not set (make run starts a local Postgres when it is unset)")
+            raise ConfigurationError("DATABASE_URL is not set (make run starts a local Postgres when it is unset)")
         return self.database_url

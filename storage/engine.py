@@ -17,6 +17,8 @@ import asyncpg
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from service.domain.errors import ConfigurationError
+
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
 
@@ -25,7 +27,7 @@ def async_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme in ("postgresql", "postgres", "postgresql+asyncpg"):
         return urlunsplit(parts._replace(scheme="postgresql+asyncpg"))
-    raise ValueError(f"DATABASE_URL must be a postgresql:// URL, got scheme {parts.scheme!r}")
+    raise ConfigurationError(f"DATABASE_URL must be a postgresql:// URL, got scheme {parts.scheme!r}")
 
 
 def plain_url(url: str) -> str:

@@ -13,6 +13,7 @@ import pytest
 from entitlements.v1 import entitlements_pb2 as pb
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 
+from service.app.background import BackgroundTasks
 from service.app.credit_service import ConsumeRequest, ConsumeResult, CreditService
 from service.app.entitlement_cache import EntitlementCache
 from service.domain.catalog import Catalog
@@ -27,16 +28,19 @@ ACTIVE_AT = utc("2026-09-01T10:15:40Z")
 @pytest.fixture
 async def credits_service(db: Database, catalog: Catalog, clock: FakeClock) -> AsyncIterator[CreditService]:
     """The use case on its own (same database as the running service), so a test decides what shares a batch."""
+    tasks = BackgroundTasks()
     cache = EntitlementCache(db)
-    await cache.start()
+    cache.start(tasks)
     for _ in range(250):
         if cache.listening:
             break
         await asyncio.sleep(0.02)
     # A listening cache answers warm customers without awaiting anything, so calls queue in the order made.
     assert cache.listening
-    yield CreditService(db, catalog, clock, cache)
-    await cache.stop()
+    credit_service = CreditService(db, catalog, clock, cache)
+    credit_service.start(tasks)
+    yield credit_service
+    await tasks.stop()
 
 
 async def _pro_customer(webhooks: WebhookPoster, clock: FakeClock) -> None:

@@ -19,6 +19,7 @@ import pytest
 from entitlements.v1 import entitlements_pb2 as pb
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 
+from service.app.background import BackgroundTasks
 from service.app.entitlement_cache import LISTENER_NAME, EntitlementCache
 from service.domain.values import CustomerEntitlements
 from service.server import Running
@@ -187,7 +188,8 @@ async def test_a_load_overtaken_by_a_change_notice_is_not_cached(
         return entry
 
     cache = EntitlementCache(db, loader=load_then_notice)
-    await cache.start()
+    tasks = BackgroundTasks()
+    cache.start(tasks)
     try:
         for _ in range(250):
             if cache.listening:
@@ -201,7 +203,7 @@ async def test_a_load_overtaken_by_a_change_notice_is_not_cached(
         await cache.get(CUSTOMER_ID)
         assert len(cache) == 1, "a load nobody overtook is cached"
     finally:
-        await cache.stop()
+        await tasks.stop()
 
 
 async def test_losing_the_invalidation_channel_clears_and_bypasses_the_cache_until_it_is_back(

@@ -449,7 +449,7 @@ async def test_the_serve_loop_heals_a_stale_subscription_and_stops_cleanly(
 
     running = await start_with_loop(database_url, clock, catalog, fake_dodo)
     try:
-        (loop,) = running.background
+        loop = running.tasks.running["reconcile"]
 
         async def healed() -> bool:
             return await period_end(stub) == ts(RENEWED_END)
@@ -474,7 +474,7 @@ async def test_the_serve_loop_is_off_unless_an_interval_is_configured(
 
     await asyncio.sleep(0.3)
 
-    assert service.background == []
+    assert "reconcile" not in service.tasks.running
     assert fake_dodo.requests == []
 
 

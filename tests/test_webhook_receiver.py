@@ -22,6 +22,7 @@ from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 from sqlalchemy import select
 
 from service.domain.catalog import Catalog
+from service.domain.errors import ConfigurationError
 from service.server import Running, start
 from storage.engine import Database
 from storage.models import Subscription, WebhookInbox
@@ -501,7 +502,7 @@ async def test_healthz_and_readyz_are_200_on_a_healthy_service(service: Running)
 async def test_service_refuses_to_start_with_an_empty_webhook_key(
     database_url: str, catalog: Catalog, key: str
 ) -> None:
-    with pytest.raises(ValueError, match="DODO_PAYMENTS_WEBHOOK_KEY"):
+    with pytest.raises(ConfigurationError, match="DODO_PAYMENTS_WEBHOOK_KEY"):
         await start(make_settings(database_url, DODO_PAYMENTS_WEBHOOK_KEY=key), catalog=catalog)
 
 
@@ -513,7 +514,7 @@ async def test_service_refuses_to_start_with_an_empty_webhook_key(
 async def test_service_refuses_to_start_with_a_webhook_key_that_is_not_base64(
     database_url: str, catalog: Catalog, key: str
 ) -> None:
-    with pytest.raises(ValueError, match="DODO_PAYMENTS_WEBHOOK_KEY"):
+    with pytest.raises(ConfigurationError, match="DODO_PAYMENTS_WEBHOOK_KEY"):
         await start(make_settings(database_url, DODO_PAYMENTS_WEBHOOK_KEY=key), catalog=catalog)
 
 

@@ -9,9 +9,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from service.app.webhook_ingest import Outcome, ingest
-from service.domain.catalog import Catalog
-from service.domain.dodo_events import parse_event
+from service.domain.dodo_events import Event, Outcome, parse_event
 from service.domain.errors import DomainError, MalformedPayload
 from storage.engine import Database
 from storage.errors import is_database_unavailable
@@ -33,8 +31,9 @@ class Lifecycle:
 
 DB = web.AppKey("db", Database)
 VERIFIER = web.AppKey("verifier", SignatureVerifier)
-CATALOG = web.AppKey("catalog", Catalog)
-ON_CHANGE: web.AppKey[Callable[[str], None]] = web.AppKey("on_change")
+# The webhook use case (service/app/webhook_ingest.py), injected so this transport depends only on the domain.
+Ingest = Callable[[Event], Awaitable[Outcome]]
+INGEST: web.AppKey[Ingest] = web.AppKey("ingest")
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -76,7 +75,7 @@ async def receive_dodo(request: web.Request) -> web.Response:
     webhook_id = headers["webhook-id"]
     try:
         event = parse_event(body, webhook_id, headers["webhook-timestamp"])
-        outcome = await ingest(request.app[DB], request.app[CATALOG], event, request.app[ON_CHANGE])
+        outcome = await request.app[INGEST](event)
     except MalformedPayload as exc:
         # A retry of a delivery we already stored is acknowledged, whatever a stricter reader thinks of it now.
         if await _already_stored(request.app[DB], webhook_id):
@@ -108,23 +107,17 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
-def _nothing(customer_id: str) -> None:
-    return None
-
-
 def create_app(
     *,
     db: Database,
-    catalog: Catalog,
     verifier: SignatureVerifier,
     lifecycle: Lifecycle | None = None,
-    on_change: Callable[[str], None] = _nothing,
+    ingest: Ingest,
 ) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_middleware])
     app[DB] = db
     app[VERIFIER] = verifier
-    app[CATALOG] = catalog
-    app[ON_CHANGE] = on_change
+    app[INGEST] = ingest
     app[LIFECYCLE] = lifecycle or Lifecycle()
     app.router.add_post("/webhooks/dodo", receive_dodo)
     app.router.add_get("/healthz", healthz)

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from service.domain.errors import ConfigurationError
+
 
 class InvalidSignature(Exception):
     """Missing or malformed headers, no matching signature, or a timestamp outside the ±5 minute tolerance."""
@@ -16,13 +18,13 @@ class InvalidSignature(Exception):
 class SignatureVerifier:
     def __init__(self, secrets: Sequence[str]) -> None:
         if not secrets:
-            raise ValueError("DODO_PAYMENTS_WEBHOOK_KEY is empty: refusing to accept unsigned webhooks")
+            raise ConfigurationError("DODO_PAYMENTS_WEBHOOK_KEY is empty: refusing to accept unsigned webhooks")
         try:
             for secret in secrets:
                 _check_base64(secret)
             self._hooks = [Webhook(secret) for secret in secrets]
         except Exception as exc:  # the library raises bare errors for bad base64
-            raise ValueError("DODO_PAYMENTS_WEBHOOK_KEY is not a valid whsec_ secret") from exc
+            raise ConfigurationError("DODO_PAYMENTS_WEBHOOK_KEY is not a valid whsec_ secret") from exc
 
     def verify(self, body: bytes, headers: Mapping[str, str]) -> None:
         try:

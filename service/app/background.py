@@ -1,14 +1,39 @@
-"""Background tasks that live as long as the server: started once, cancelled and awaited on shutdown."""
+"""The one mechanism for long-lived tasks (cache listener, change publisher, credit writers, reconciler, ...):
+spawned through a `BackgroundTasks`, cancelled and awaited together when the process stops."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+log = logging.getLogger("entitlements.background")
 
 
-async def stop_task(task: asyncio.Task[None] | None) -> None:
-    if task is None:
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+class BackgroundTasks:
+    def __init__(self) -> None:
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def spawn(self, name: str, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work, name=name)
+        task.add_done_callback(_report_crash)
+        self._tasks.append(task)
+
+    @property
+    def running(self) -> dict[str, asyncio.Task[None]]:
+        """The tasks still running, by name."""
+        return {task.get_name(): task for task in self._tasks if not task.done()}
+
+    async def stop(self) -> None:
+        """Cancel every task spawned here and wait until each has finished its cleanup."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    # A background loop is meant to run until cancelled: ending any other way is a bug an operator must see.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background.crashed", extra={"task": task.get_name()}, exc_info=task.exception())

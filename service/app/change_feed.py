@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 
-from service.app.background import stop_task
+from service.app.background import BackgroundTasks
 from service.app.entitlement_cache import EntitlementCache
 from storage.engine import Database
 from storage.errors import is_database_unavailable
@@ -30,7 +30,6 @@ class ChangeFeed:
         self.cache = cache
         self.sweep_interval = sweep_interval
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     def committed(self, *customer_ids: str, balances_only: bool = False) -> None:
         if self.cache is not None:
@@ -39,13 +38,8 @@ class ChangeFeed:
         if customer_ids:
             self._wake.set()
 
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="entitlement-change-publisher")
-
-    async def stop(self) -> None:
-        await stop_task(self._task)
-        self._task = None
+    def start(self, tasks: BackgroundTasks) -> None:
+        tasks.spawn("entitlement-change-publisher", self._run())
 
     async def publish(self) -> int:
         """Publish everything committed so far; returns how many change rows went out."""

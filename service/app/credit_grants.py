@@ -68,7 +68,7 @@ async def grant_for_period(
         await repository.save([account], [*expired, entry])
         written.append(entry)
     if written:
-        log.debug("credits.granted", extra={"subscription_id": sub.subscription_id, "entries": len(written)})
+        log.info("credits.granted", extra={"subscription_id": sub.subscription_id, "entries": len(written)})
     return written
 
 

@@ -18,6 +18,7 @@ from decimal import Decimal
 
 import asyncpg
 
+from service.app.background import BackgroundTasks
 from service.app.change_feed import ChangeFeed
 from service.app.entitlement_cache import EntitlementCache
 from service.domain import access_rules as access
@@ -33,6 +34,7 @@ from service.domain.errors import (
     InvalidField,
     InvalidPageToken,
     MissingField,
+    Unavailable,
     UnknownCredit,
 )
 from service.domain.values import AccessReason, Account, FeatureKind, LedgerEntry
@@ -101,7 +103,7 @@ class _Spent:
 @dataclass(eq=False)
 class _Shard:
     queue: list[_Pending] = field(default_factory=list)
-    worker: asyncio.Task[None] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class CreditService:
@@ -162,19 +164,28 @@ class CreditService:
         )
         shard = self._shards[zlib.crc32(request.customer_id.encode()) % len(self._shards)]
         shard.queue.append(pending)
-        if shard.worker is None:
-            shard.worker = asyncio.create_task(self._drain(shard), name="credits-batch")
-        # A caller that goes away cancels only its own future; the batch runs in its own task and skips it.
+        shard.wake.set()
+        # A caller that goes away cancels only its own future; the batch runs in the writer's task and skips it.
         return await pending.future
 
-    async def _drain(self, shard: _Shard) -> None:
+    def start(self, tasks: BackgroundTasks) -> None:
+        """One writer task per shard, for as long as the process serves."""
+        for number, shard in enumerate(self._shards):
+            tasks.spawn(f"credit-writer-{number}", self._write(shard))
+
+    async def _write(self, shard: _Shard) -> None:
         try:
-            while shard.queue:
-                batch = shard.queue[: self.max_batch]
-                del shard.queue[: self.max_batch]
-                await self._commit(batch)
+            while True:
+                await shard.wake.wait()
+                shard.wake.clear()
+                while shard.queue:
+                    batch = shard.queue[: self.max_batch]
+                    del shard.queue[: self.max_batch]
+                    await self._commit(batch)
         finally:
-            shard.worker = None
+            # Stopping: whatever is still queued was never executed, so the caller may safely retry it.
+            _fail(shard.queue, Unavailable("the service is shutting down; retry"))
+            shard.queue.clear()
 
     async def _commit(self, batch: list[_Pending]) -> None:
         outcomes: list[ConsumeResult | DomainError] = []

@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from service.app.background import stop_task
+from service.app.background import BackgroundTasks
 from service.domain.values import CustomerEntitlements
 from storage.engine import Connection, Database
 from storage.repositories.changes import CHANGES_CHANNEL, CREDITS_SCOPE
@@ -56,7 +56,7 @@ class EntitlementCache:
         self._dirty: set[str] = set()
         self._listening = False
         self._listener: asyncpg.Connection | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._lost = asyncio.Event()
         self.hits = 0
         self.misses = 0
@@ -114,27 +114,28 @@ class EntitlementCache:
         self._entries.clear()
         self._dirty.update(self._loading)
 
-    async def start(self) -> None:
+    def start(self, tasks: BackgroundTasks) -> None:
         """Listen in the background; until the first connection succeeds the cache is bypassed."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._listen_forever(), name="entitlement-cache-listener")
-
-    async def stop(self) -> None:
-        await stop_task(self._task)
-        self._task = None
-        await self._close_listener()
+        tasks.spawn("entitlement-cache-listener", self._listen_forever())
 
     async def _listen_forever(self) -> None:
-        while True:
-            try:
-                await self._listen_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                log.warning("cache.listener_failed", extra={"why": type(error).__name__})
-            self._set_listening(False)
+        try:
+            while True:
+                try:
+                    await self._listen_once()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:
+                    log.warning("cache.listener_failed", extra={"why": type(error).__name__})
+                self._set_listening(False)
+                await self._close_listener()
+                await asyncio.sleep(self.reconnect_delay)
+        finally:
+            # Stopping on purpose: not the lost channel that `cache.bypassed` warns about.
+            self._stopping = True
+            self._listening = False
+            self.clear()
             await self._close_listener()
-            await asyncio.sleep(self.reconnect_delay)
 
     async def _listen_once(self) -> None:
         self._lost.clear()
@@ -156,8 +157,8 @@ class EntitlementCache:
                 await connection.fetchval("SELECT 1", timeout=self.db.connect_timeout)
 
     def _set_listening(self, value: bool) -> None:
-        if not value and self._listening:
-            log.warning("cache.bypassed: invalidation channel lost, serving from Postgres until it is back")
+        if not value and self._listening and not self._stopping:
+            log.warning("cache.bypassed", extra={"why": "invalidation channel lost", "serving_from": "postgres"})
             self.clear()
         self._listening = value
 

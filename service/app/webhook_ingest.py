@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import enum
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import asyncpg
 
+from service.app.change_feed import ChangeFeed
 from service.app.credit_grants import apply_dodo_ledger_entry
 from service.app.snapshots import apply_snapshot
 from service.domain.catalog import Catalog
-from service.domain.dodo_events import CREDIT_LEDGER_EVENTS, SUBSCRIPTION_EVENTS, Event
+from service.domain.dodo_events import CREDIT_LEDGER_EVENTS, SUBSCRIPTION_EVENTS, Event, Outcome
 from service.domain.dodo_payloads import read_subscription
 from service.domain.errors import MalformedPayload
 from storage.engine import Connection, Database
@@ -22,25 +22,27 @@ from storage.repositories.inbox import InboxRepository
 log = logging.getLogger("entitlements.webhooks")
 
 
-class Outcome(enum.StrEnum):
-    APPLIED = "applied"
-    STALE = "stale"
-    RECORDED = "recorded"
-    IGNORED = "ignored"
-    DUPLICATE = "duplicate"
-    # A Dodo credit ledger entry already applied under another webhook-id.
-    DUPLICATE_ENTRY = "duplicate_entry"
-
-
 class _AlreadyStored(Exception):
     """Raised inside the transaction to roll back the work of a delivery whose webhook-id is already stored."""
 
 
-async def ingest(
-    db: Database, catalog: Catalog, event: Event, on_change: Callable[[str], None] | None = None
-) -> Outcome:
-    """Store and apply one delivery; `on_change(customer_id)` runs after the commit for each customer whose
-    entitlements it changed (other replicas learn it from the notice the commit sends)."""
+class WebhookIngest:
+    """The webhook use case: store and apply one delivery in one transaction. After the commit the changed
+    customers are forgotten by this process's cache at once (other replicas learn it from the change feed)."""
+
+    def __init__(self, db: Database, catalog: Catalog, changes: ChangeFeed) -> None:
+        self.db = db
+        self.catalog = catalog
+        self.changes = changes
+
+    async def __call__(self, event: Event) -> Outcome:
+        outcome, customers = await _ingest(self.db, self.catalog, event)
+        self.changes.committed(*customers)
+        log.info("webhook.%s", outcome.value, extra={"webhook_id": event.webhook_id, "type": event.type})
+        return outcome
+
+
+async def _ingest(db: Database, catalog: Catalog, event: Event) -> tuple[Outcome, tuple[str, ...]]:
     try:
         with _storable():
             async with db.tx() as connection:
@@ -59,12 +61,8 @@ async def ingest(
                 if not stored:
                     raise _AlreadyStored
     except _AlreadyStored:
-        outcome, customers = Outcome.DUPLICATE, ()
-    if on_change is not None:
-        for customer_id in customers:
-            on_change(customer_id)
-    log.info("webhook.%s", outcome.value, extra={"webhook_id": event.webhook_id, "type": event.type})
-    return outcome
+        return Outcome.DUPLICATE, ()
+    return outcome, customers
 
 
 @contextmanager

@@ -21,10 +21,11 @@ from pathlib import Path
 from standardwebhooks.webhooks import Webhook
 
 from service.dev.devkey import KEY_FILE
+from service.settings import comma_list
 
 
 def _key() -> str:
-    configured = [k.strip() for k in os.environ.get("DODO_PAYMENTS_WEBHOOK_KEY", "").split(",") if k.strip()]
+    configured = comma_list(os.environ.get("DODO_PAYMENTS_WEBHOOK_KEY"))
     if configured:
         return configured[0]
     if KEY_FILE.exists():

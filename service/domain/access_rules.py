@@ -9,23 +9,26 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import TypeVar
 
 from service.domain.catalog import Catalog
 from service.domain.decimals import MATH
-from service.domain.values import AccessDecision, AccessReason, FeatureDecision, FeatureKind, SubscriptionState
+from service.domain.values import AccessDecision, AccessReason, FeatureDecision, FeatureKind, SubscriptionFacts
+
+S = TypeVar("S", bound=SubscriptionFacts)
 
 _INACTIVE = AccessDecision(False, AccessReason.SUBSCRIPTION_INACTIVE)
 # Payment trouble: access continues through a grace period measured from the first event that showed it.
 HOLD_STATUSES = frozenset({"on_hold", "past_due"})
 
 
-def trial_ends_at(sub: SubscriptionState) -> datetime | None:
+def trial_ends_at(sub: SubscriptionFacts) -> datetime | None:
     if sub.trial_period_days > 0:
         return sub.created_at + timedelta(days=sub.trial_period_days)
     return None
 
 
-def subscription_access(sub: SubscriptionState, grace_period_days: int, now: datetime) -> AccessDecision:
+def subscription_access(sub: SubscriptionFacts, grace_period_days: int, now: datetime) -> AccessDecision:
     """The decision for one subscription as a whole, as of `now`."""
     status = sub.status
     if status in ("active", "cancelled") and sub.cancel_at_next_billing_date:
@@ -45,12 +48,12 @@ def subscription_access(sub: SubscriptionState, grace_period_days: int, now: dat
     if status in HOLD_STATUSES:
         if grace_period_days <= 0:
             return _INACTIVE
-        since = sub.on_hold_since or sub.last_event_at or sub.updated_at or sub.created_at
+        since = sub.on_hold_since or sub.last_event_at or sub.created_at
         return _grace_until(since + timedelta(days=grace_period_days), now)
     return _INACTIVE
 
 
-def _in_trial(sub: SubscriptionState, now: datetime) -> bool:
+def _in_trial(sub: SubscriptionFacts, now: datetime) -> bool:
     end = trial_ends_at(sub)
     return end is not None and now < end
 
@@ -61,33 +64,31 @@ def _grace_until(end: datetime, now: datetime) -> AccessDecision:
     return _INACTIVE
 
 
-def decide(sub: SubscriptionState, catalog: Catalog, now: datetime) -> AccessDecision:
+def decide(sub: SubscriptionFacts, catalog: Catalog, now: datetime) -> AccessDecision:
     return subscription_access(sub, catalog.grace_days(sub.product_id), now)
 
 
-def _rank(decision: AccessDecision, sub: SubscriptionState) -> tuple[bool, bool, datetime, datetime]:
+def _rank(decision: AccessDecision, sub: SubscriptionFacts) -> tuple[bool, bool, datetime, datetime]:
     """Sort key: granting first; among granting, open-ended, then the latest end; ties go to the newest."""
     open_ended = decision.allowed and decision.access_ends_at is None
     end = decision.access_ends_at or datetime.min.replace(tzinfo=sub.created_at.tzinfo)
     return (decision.allowed, open_ended, end, sub.created_at)
 
 
-def best(
-    subs: Iterable[SubscriptionState], catalog: Catalog, now: datetime
-) -> tuple[SubscriptionState, AccessDecision] | None:
+def best(subs: Iterable[S], catalog: Catalog, now: datetime) -> tuple[S, AccessDecision] | None:
     ranked = [(sub, decide(sub, catalog, now)) for sub in subs]
     if not ranked:
         return None
     return max(ranked, key=lambda pair: _rank(pair[1], pair[0]))
 
 
-def most_relevant(subs: Sequence[SubscriptionState], catalog: Catalog, now: datetime) -> SubscriptionState | None:
+def most_relevant(subs: Sequence[S], catalog: Catalog, now: datetime) -> S | None:
     """GetSubscription by customer: one that grants access first, then the newest."""
     ranked = sorted(subs, key=lambda s: (decide(s, catalog, now).allowed, s.created_at), reverse=True)
     return ranked[0] if ranked else None
 
 
-def carries_feature(sub: SubscriptionState, catalog: Catalog, feature: str) -> bool:
+def carries_feature(sub: SubscriptionFacts, catalog: Catalog, feature: str) -> bool:
     """Whether this subscription's plan (or, for a Dodo-linked credit, its credit cart) includes the feature."""
     plan = catalog.plan(sub.product_id)
     if plan is not None and plan.includes(feature):
@@ -99,7 +100,7 @@ def carries_feature(sub: SubscriptionState, catalog: Catalog, feature: str) -> b
 
 
 def feature_access(
-    subs: Sequence[SubscriptionState],
+    subs: Sequence[SubscriptionFacts],
     catalog: Catalog,
     feature: str,
     now: datetime,

@@ -13,13 +13,14 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, cast
 
+from service.domain.errors import ConfigurationError
 from service.domain.values import FeatureKind
 
 DEFAULT_GRACE_PERIOD_DAYS = 7
 EXAMPLE_CATALOG = Path(__file__).resolve().parent.parent / "catalog.example.toml"
 
 
-class CatalogError(ValueError):
+class CatalogError(ConfigurationError):
     """The catalog file is unreadable or inconsistent; the message names the file and the key."""
 
 

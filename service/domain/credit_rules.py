@@ -17,7 +17,7 @@ from service.domain import access_rules as access
 from service.domain import fingerprints
 from service.domain.catalog import Catalog, CreditDef
 from service.domain.decimals import MATH, ZERO, decimal_text
-from service.domain.values import Account, Grant, LedgerEntry, SubscriptionState
+from service.domain.values import Account, Grant, LedgerEntry, SubscriptionFacts, SubscriptionState
 
 
 def new_entry_id() -> str:
@@ -120,7 +120,7 @@ def fingerprint(credit_key: str, amount: Decimal, description: str, metadata: Ma
     )
 
 
-def overage_limit(definition: CreditDef, subs: Iterable[SubscriptionState], catalog: Catalog, now: datetime) -> Decimal:
+def overage_limit(definition: CreditDef, subs: Iterable[SubscriptionFacts], catalog: Catalog, now: datetime) -> Decimal:
     """The catalog's limit, raised by Dodo's cart settings for a Dodo-linked credit, as carried by subscriptions
     that grant access right now (a cancelled subscription's cart raises nothing)."""
     limit = definition.overage_limit
@@ -161,7 +161,7 @@ def plan_grants(sub: SubscriptionState, catalog: Catalog, *, trialing: bool) -> 
     return grants
 
 
-def credits_of(sub: SubscriptionState, catalog: Catalog) -> list[str]:
+def credits_of(sub: SubscriptionFacts, catalog: Catalog) -> list[str]:
     """The credit keys this subscription gives access to: its plan's, and Dodo-linked ones in its credit cart."""
     keys: set[str] = set()
     plan = catalog.plan(sub.product_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,6 +43,18 @@ CREDIT_LEDGER_EVENTS = frozenset(
         "manual_adjustment",
     )
 )
+
+
+class Outcome(enum.StrEnum):
+    """What became of one delivery: the webhook's answer body and the inbox row's status."""
+
+    APPLIED = "applied"
+    STALE = "stale"
+    RECORDED = "recorded"
+    IGNORED = "ignored"
+    DUPLICATE = "duplicate"
+    # A Dodo credit ledger entry already applied under another webhook-id.
+    DUPLICATE_ENTRY = "duplicate_entry"
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from typing import Protocol
 
 
 class AccessReason(enum.StrEnum):
@@ -68,6 +69,52 @@ class CartCredit:
 class Addon:
     addon_id: str
     quantity: int
+
+
+class SubscriptionFacts(Protocol):
+    """What the access and credit rules read of a subscription: a full `SubscriptionState` or the cache's lean
+    `CachedSubscription` alike."""
+
+    @property
+    def subscription_id(self) -> str: ...
+    @property
+    def product_id(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def trial_period_days(self) -> int: ...
+    @property
+    def next_billing_date(self) -> datetime | None: ...
+    @property
+    def cancel_at_next_billing_date(self) -> bool: ...
+    @property
+    def past_due_ends_at(self) -> datetime | None: ...
+    @property
+    def on_hold_since(self) -> datetime | None: ...
+    @property
+    def last_event_at(self) -> datetime | None: ...
+    @property
+    def credit_cart(self) -> tuple[CartCredit, ...]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CachedSubscription:
+    """A subscription as the CheckAccess cache keeps it: only the fields of `SubscriptionFacts` (100k customers
+    must fit in a few hundred MB)."""
+
+    subscription_id: str
+    product_id: str
+    status: str
+    created_at: datetime
+    trial_period_days: int = 0
+    next_billing_date: datetime | None = None
+    cancel_at_next_billing_date: bool = False
+    past_due_ends_at: datetime | None = None
+    on_hold_since: datetime | None = None
+    last_event_at: datetime | None = None
+    credit_cart: tuple[CartCredit, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,11 +191,11 @@ class LedgerEntry:
 
 @dataclass(frozen=True, slots=True)
 class CustomerEntitlements:
-    """Everything a decision about one customer reads: what CheckAccess caches per customer. Its subscriptions
-    carry only the fields the access and credit rules read; its accounts only the grants that expire."""
+    """Everything a decision about one customer reads: what CheckAccess caches per customer. Its accounts carry
+    only the grants that expire (the others cannot change an effective balance)."""
 
     customer_id: str
-    subscriptions: tuple[SubscriptionState, ...] = ()
+    subscriptions: tuple[CachedSubscription, ...] = ()
     accounts: dict[str, Account] = field(default_factory=dict)
     # False once a credit change made the cached balances stale while the subscriptions still hold.
     accounts_loaded: bool = True
@@ -170,7 +217,7 @@ class FeatureDecision:
     allowed: bool
     reason: AccessReason
     kind: FeatureKind
-    subscription: SubscriptionState | None = None
+    subscription: SubscriptionFacts | None = None
     access_ends_at: datetime | None = None
     limit: int = 0
     balance: Decimal | None = None

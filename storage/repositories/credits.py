@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -216,20 +217,29 @@ def grants_json(grants: tuple[Grant, ...]) -> str:
     )
 
 
-def grants_from_json(items: list[Any]) -> tuple[Grant, ...]:
-    return tuple(
-        Grant(
-            grant_id=item["grant_id"],
-            remaining=Decimal(item["remaining"]),
-            expires_at=None if item.get("expires_at") is None else datetime.fromisoformat(item["expires_at"]),
-            source=item.get("source", ""),
+def account_from(
+    customer_id: str, credit: str, balance: Decimal, grants: list[Any], *, expiring_only: bool = False
+) -> Account:
+    """An account from its stored row. `expiring_only` (the CheckAccess cache) keeps just what an effective balance
+    needs: grants that never expire cannot change it, and grant ids and sources are not read by decisions."""
+    kept: list[Grant] = []
+    for item in grants:
+        expires = item.get("expires_at")
+        if expiring_only and expires is None:
+            continue
+        kept.append(
+            Grant(
+                grant_id="" if expiring_only else item["grant_id"],
+                remaining=Decimal(item["remaining"]),
+                expires_at=None if expires is None else datetime.fromisoformat(expires),
+                source="" if expiring_only else item.get("source", ""),
+            )
         )
-        for item in items
-    )
+    return Account(customer_id, sys.intern(credit), balance, tuple(kept))
 
 
 def _account(row: Any) -> Account:
-    return Account(row["customer_id"], row["credit"], row["balance"], grants_from_json(row["grants"]))
+    return account_from(row["customer_id"], row["credit"], row["balance"], row["grants"])
 
 
 def _entry(row: Any) -> Entry:

@@ -10,8 +10,9 @@ from typing import Any
 
 import orjson
 
-from service.domain.values import Account, CartCredit, CustomerEntitlements, Grant, SubscriptionState
+from service.domain.values import Account, CachedSubscription, CartCredit, CustomerEntitlements
 from storage.engine import Connection
+from storage.repositories.credits import account_from
 
 _LOAD = """
 SELECT
@@ -39,7 +40,7 @@ async def load_accounts(connection: Connection, customer_id: str) -> dict[str, A
 async def load_customer(connection: Connection, customer_id: str) -> CustomerEntitlements:
     row = await connection.fetchrow(_LOAD, customer_id)
     assert row is not None
-    subscriptions = tuple(_subscription(customer_id, item) for item in orjson.loads(row["subscriptions"]))
+    subscriptions = tuple(_subscription(item) for item in orjson.loads(row["subscriptions"]))
     accounts = {item[0]: _account(customer_id, item) for item in orjson.loads(row["accounts"])}
     return CustomerEntitlements(customer_id, subscriptions, accounts)
 
@@ -48,15 +49,13 @@ def _time(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
 
 
-def _subscription(customer_id: str, item: list[Any]) -> SubscriptionState:
+def _subscription(item: list[Any]) -> CachedSubscription:
     (sub_id, product, status, created, trial_days, next_billing, cancel, past_due_end, hold_since, last, cart) = item
     # Only what the access and credit rules read; low-cardinality strings are shared between customers.
-    return SubscriptionState(
+    return CachedSubscription(
         subscription_id=sub_id,
-        customer_id=customer_id,
         product_id=sys.intern(product),
         status=sys.intern(status),
-        quantity=1,
         created_at=datetime.fromisoformat(created),
         trial_period_days=trial_days,
         next_billing_date=_time(next_billing),
@@ -77,10 +76,4 @@ def _subscription(customer_id: str, item: list[Any]) -> SubscriptionState:
 
 def _account(customer_id: str, item: list[Any]) -> Account:
     credit, balance, grants = item
-    # Grants that never expire cannot change the effective balance: a decision needs only the expiring ones.
-    expiring = tuple(
-        Grant("", Decimal(g["remaining"]), datetime.fromisoformat(g["expires_at"]), "")
-        for g in grants
-        if g.get("expires_at") is not None
-    )
-    return Account(customer_id, sys.intern(credit), Decimal(balance), expiring)
+    return account_from(customer_id, credit, Decimal(balance), grants, expiring_only=True)
