@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -20,14 +19,19 @@ from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 from service.app.dodo_gateway import DodoGateway
 from service.domain.catalog import Catalog, load_catalog
 from service.server import Running, start
-from service.settings import Settings
 from storage.engine import Database, plain_url
 from storage.migrate import upgrade
-from storage.models import Base
 from tests.fakedodo import FakeDodo, start_fake_dodo
-from tests.support import API_TOKEN, WEBHOOK_SECRET, FakeClock, WebhookPoster
-
-LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+from tests.support import (
+    API_TOKEN,
+    DODO_API_KEY,
+    LOCAL_SERVER,
+    TABLES,
+    BearerToken,
+    FakeClock,
+    WebhookPoster,
+    make_settings,
+)
 
 
 def _docker_engine_answers() -> bool:
@@ -87,9 +91,6 @@ def database_url(server_url: str) -> Iterator[str]:
         asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-TABLES = ", ".join(table.name for table in Base.metadata.sorted_tables)
-
-
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[Database]:
     database = Database.from_url(database_url, pool_size=5)
@@ -109,21 +110,6 @@ def catalog() -> Catalog:
     return load_catalog(Path(__file__).resolve().parent.parent / "service" / "catalog.example.toml")
 
 
-def make_settings(database_url: str, **overrides: str) -> Settings:
-    env = {
-        "DATABASE_URL": database_url,
-        "DODO_PAYMENTS_WEBHOOK_KEY": WEBHOOK_SECRET,
-        "ENTITLEMENTS_GRPC_ADDR": "127.0.0.1:0",
-        "ENTITLEMENTS_HTTP_ADDR": "127.0.0.1:0",
-        "ENTITLEMENTS_API_TOKENS": API_TOKEN,
-        **overrides,
-    }
-    return Settings.model_validate(env)
-
-
-DODO_API_KEY = "test_dodo_key"
-
-
 @pytest.fixture
 async def fake_dodo() -> AsyncIterator[FakeDodo]:
     """A fake Dodo API on a real port, spoken to through the real dodopayments SDK."""
@@ -141,29 +127,6 @@ async def service(
     yield running
     if not running.stopped.is_set():
         await running.stop(0)
-
-
-class BearerToken(grpc.aio.UnaryUnaryClientInterceptor):
-    """Attach the test API token to every unary call, as a calling service would."""
-
-    def __init__(self, token: str) -> None:
-        self.metadata = (("authorization", f"Bearer {token}"),)
-
-    async def intercept_unary_unary(
-        self,
-        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
-        client_call_details: grpc.aio.ClientCallDetails,
-        request: Any,
-    ) -> Any:
-        metadata = tuple(client_call_details.metadata or ()) + self.metadata
-        details = grpc.aio.ClientCallDetails(
-            client_call_details.method,
-            client_call_details.timeout,
-            grpc.aio.Metadata(*metadata),
-            client_call_details.credentials,
-            client_call_details.wait_for_ready,
-        )
-        return await continuation(details, request)
 
 
 @pytest.fixture

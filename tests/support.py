@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Context, Decimal
@@ -17,6 +18,7 @@ from google.rpc import error_details_pb2, status_pb2
 from sqlalchemy import func, select, text
 from standardwebhooks.webhooks import Webhook
 
+from service.settings import Settings
 from storage.engine import Database
 from storage.models import Base, Customer, Subscription, WebhookInbox
 
@@ -239,3 +241,45 @@ async def stored_account(db: Database, customer_id: str, credit: str) -> StoredA
     for grant in grants:
         remaining = exact.add(remaining, Decimal(grant["remaining"]))
     return StoredAccount(balance, remaining, Decimal(total), int(rows))
+
+
+LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+TABLES = ", ".join(table.name for table in Base.metadata.sorted_tables)
+
+
+def make_settings(database_url: str, **overrides: str) -> Settings:
+    env = {
+        "DATABASE_URL": database_url,
+        "DODO_PAYMENTS_WEBHOOK_KEY": WEBHOOK_SECRET,
+        "ENTITLEMENTS_GRPC_ADDR": "127.0.0.1:0",
+        "ENTITLEMENTS_HTTP_ADDR": "127.0.0.1:0",
+        "ENTITLEMENTS_API_TOKENS": API_TOKEN,
+        **overrides,
+    }
+    return Settings.model_validate(env)
+
+
+DODO_API_KEY = "test_dodo_key"
+
+
+class BearerToken(grpc.aio.UnaryUnaryClientInterceptor):
+    """Attach the test API token to every unary call, as a calling service would."""
+
+    def __init__(self, token: str) -> None:
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        metadata = tuple(client_call_details.metadata or ()) + self.metadata
+        details = grpc.aio.ClientCallDetails(
+            client_call_details.method,
+            client_call_details.timeout,
+            grpc.aio.Metadata(*metadata),
+            client_call_details.credentials,
+            client_call_details.wait_for_ready,
+        )
+        return await continuation(details, request)

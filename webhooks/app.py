@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from service.domain.dodo_events import Event, Outcome, parse_event
-from service.domain.errors import DomainError, MalformedPayload
+from service.domain.errors import DomainError, MalformedPayload, StorageUnavailable
 from storage.engine import Database
 from storage.errors import is_database_unavailable
 from storage.repositories.inbox import InboxRepository
@@ -53,8 +53,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return _error(exc.http_status, exc.message)
     except Exception as exc:
         if is_database_unavailable(exc):
-            log.warning("webhook.unavailable", extra={"path": request.path})
-            return _error(503, "storage unavailable, retry later")
+            log.warning("webhook.unavailable", extra={"path": request.path, "why": type(exc).__name__})
+            unavailable = StorageUnavailable()
+            return _error(unavailable.http_status, unavailable.message)
         log.exception("webhook.failed", extra={"path": request.path})
         return _error(500, "internal error")
 

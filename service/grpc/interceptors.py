@@ -13,7 +13,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from service.domain.errors import DomainError
+from service.domain.errors import DomainError, StorageUnavailable
 from storage.errors import is_database_unavailable
 
 log = logging.getLogger("entitlements.grpc")
@@ -129,8 +129,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(status.code, status.details, status.trailing_metadata)
             except Exception as error:
                 if is_database_unavailable(error):
-                    log.warning("grpc.unavailable", extra={"method": method})
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "storage unavailable, retry later")
+                    log.warning("grpc.unavailable", extra={"method": method, "why": type(error).__name__})
+                    status = status_for(StorageUnavailable())
+                    await context.abort(status.code, status.details, status.trailing_metadata)
                 log.exception("grpc.failed", extra={"method": method})
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 

@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import aiohttp
 import asyncpg
@@ -28,6 +27,7 @@ from storage.repositories.customers import load_customer
 from tests.support import (
     API_TOKEN,
     CUSTOMER_ID,
+    REPO_ROOT,
     WEBHOOK_SECRET,
     FakeClock,
     WebhookPoster,
@@ -36,7 +36,7 @@ from tests.support import (
     utc,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT  # where a second `serve` process runs from
 ACTIVE_AT = utc("2026-09-01T10:15:40Z")
 PERIOD_END = utc("2026-10-01T10:15:02.481233Z")
 

@@ -44,17 +44,19 @@ from sqlalchemy import text
 from service.domain.catalog import EXAMPLE_CATALOG, Catalog, parse_catalog
 from service.server import Running, start
 from storage.engine import Database
-from tests.conftest import TABLES, BearerToken, make_settings
 from tests.support import (
     API_TOKEN,
     CUSTOMER_ID,
     PRO,
+    TABLES,
+    BearerToken,
     FakeClock,
     WebhookPoster,
     credit_ledger_event,
     error_info,
     iso,
     load_event,
+    make_settings,
     stored_account,
     utc,
 )

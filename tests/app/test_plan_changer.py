@@ -27,15 +27,16 @@ from service.logs import EventFormatter
 from service.server import start
 from storage.engine import Database
 from storage.models import PlanChangeRequest
-from tests.conftest import DODO_API_KEY, BearerToken, make_settings
 from tests.fakedodo import ADDON_EXTRA_PROJECTS, ADDON_EXTRA_SEAT, FakeDodo, RecordedRequest
 from tests.support import (
     API_TOKEN,
     CUSTOMER_ID,
+    DODO_API_KEY,
     PRO,
     STARTER,
     SUB_ID,
     TEAM,
+    BearerToken,
     FakeClock,
     WebhookPoster,
     count_rows,
@@ -43,6 +44,7 @@ from tests.support import (
     error_info,
     iso,
     load_event,
+    make_settings,
     utc,
 )
 

@@ -22,7 +22,6 @@ from service.domain.clock import Clock
 from service.server import SERVICE_NAME, Running, start
 from service.settings import Settings
 from storage.engine import Database
-from tests.conftest import make_settings
 from tests.support import (
     API_TOKEN,
     CUSTOMER_ID,
@@ -33,6 +32,7 @@ from tests.support import (
     WebhookPoster,
     deliver,
     load_event,
+    make_settings,
     subscription_event,
     utc,
 )

@@ -26,7 +26,6 @@ from service.domain.errors import ConfigurationError
 from service.server import Running, start
 from storage.engine import Database
 from storage.models import Subscription, WebhookInbox
-from tests.conftest import make_settings
 from tests.support import (
     CUSTOMER_ID,
     NOTHING_STORED,
@@ -38,6 +37,7 @@ from tests.support import (
     count_rows,
     inbox_statuses,
     load_event,
+    make_settings,
     sign,
     stored_counts,
     subscription_event,

@@ -28,10 +28,10 @@ from service.reconcile_cli import run_reconcile, stale_policy
 from service.server import Running, start
 from service.settings import Settings
 from storage.engine import Database
-from tests.conftest import DODO_API_KEY, make_settings
 from tests.fakedodo import FakeDodo
 from tests.support import (
     CUSTOMER_ID,
+    DODO_API_KEY,
     REPO_ROOT,
     SUB_ID,
     WEBHOOK_SECRET,
@@ -39,6 +39,7 @@ from tests.support import (
     WebhookPoster,
     deliver,
     load_event,
+    make_settings,
     subscription_event,
     utc,
 )
