@@ -1,4 +1,4 @@
-"""entitlements.v1.EntitlementService: request validation lives in the use cases, conversion in convert.py."""
+"""entitlements.v1.EntitlementService: request validation lives in the use cases, conversion in conversion.py."""
 
 from __future__ import annotations
 
