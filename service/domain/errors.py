@@ -77,10 +77,12 @@ class Internal(DomainError):
 
 
 class InvalidField(InvalidArgument):
-    """One request field breaks its rule; `field` names it for callers and for ErrorInfo."""
+    """One request field breaks its rule (DESIGN §12); ErrorInfo FIELD_INVALID names it in metadata `field`."""
+
+    reason = "FIELD_INVALID"
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(message, metadata={"field": field})
         self.field = field
 
 
@@ -109,6 +111,8 @@ class InvalidPageToken(InvalidField):
 
 
 class ProductNotInCatalog(InvalidField):
+    reason = "PRODUCT_NOT_IN_CATALOG"
+
     def __init__(self, product_id: str) -> None:
         super().__init__("product_id", f"product {product_id!r} is not in the plan catalog")
 
