@@ -25,7 +25,7 @@ def stale_policy(settings: Settings) -> StalePolicy:
 
 async def run_reconcile(settings: Settings, *, subscriptions: Sequence[str] | None, stale: bool) -> int:
     catalog = load_catalog(settings.catalog_path)
-    db = Database.from_url(settings.require_database(), pool_size=2)
+    db = Database.from_url(settings.require_database(), pool_size=4, lock_timeout_ms=settings.lock_timeout_ms)
     dodo = DodoGateway(settings.dodo_payments_api_key, settings.dodo_payments_base_url, settings.dodo_timeout_seconds)
     try:
         if subscriptions:

@@ -27,6 +27,7 @@ from service.app.dodo_gateway import DodoGateway
 from service.app.entitlement_cache import EntitlementCache
 from service.app.entitlement_reader import EntitlementReader
 from service.app.plan_changer import PlanChanger
+from service.app.readiness import Readiness
 from service.app.reconciler import RateLimiter, reconcile_forever
 from service.app.webhook_ingest import WebhookIngest
 from service.domain.catalog import Catalog, load_catalog
@@ -37,6 +38,7 @@ from service.grpc.servicer import EntitlementServicer
 from service.reconcile_cli import stale_policy
 from service.settings import Settings
 from storage.engine import Database
+from storage.migrate import head_revision
 from webhooks.app import Lifecycle, create_app
 from webhooks.verify import SignatureVerifier
 
@@ -60,6 +62,7 @@ class Running:
     dodo: DodoGateway
     catalog: Catalog
     tasks: BackgroundTasks
+    credit_service: CreditService
     _stack: contextlib.AsyncExitStack
     _grace: list[float]
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -83,7 +86,9 @@ async def start(
     verifier = SignatureVerifier(settings.webhook_keys)
     grace = [settings.shutdown_grace_seconds]
     async with contextlib.AsyncExitStack() as stack:
-        db = db or Database.from_url(settings.require_database(), pool_size=settings.db_pool_size)
+        db = db or Database.from_url(
+            settings.require_database(), pool_size=settings.db_pool_size, lock_timeout_ms=settings.lock_timeout_ms
+        )
         stack.push_async_callback(db.close)
         dodo = dodo or DodoGateway(
             settings.dodo_payments_api_key, settings.dodo_payments_base_url, settings.dodo_timeout_seconds
@@ -91,13 +96,28 @@ async def start(
         stack.push_async_callback(dodo.close)
         tasks = BackgroundTasks()
         stack.push_async_callback(tasks.stop)
+        readiness = Readiness(db, head_revision())
+        await readiness.require_schema()
 
-        cache = EntitlementCache(db, max_customers=settings.cache_max_customers)
+        cache = EntitlementCache(
+            db,
+            max_customers=settings.cache_max_customers,
+            max_unknown=settings.cache_max_unknown,
+            stale_grace=settings.stale_grace_seconds,
+        )
         cache.start(tasks)
         changes = ChangeFeed(db, cache)
         changes.start(tasks)
         reader = EntitlementReader(db, catalog, clock, cache)
-        credit_service = CreditService(db, catalog, clock, cache, changes, shards=settings.credit_writers)
+        credit_service = CreditService(
+            db,
+            catalog,
+            clock,
+            cache,
+            changes,
+            shards=settings.credit_writers,
+            max_queued=settings.consume_queue_max,
+        )
         credit_service.start(tasks)
         plans = PlanChanger(db, catalog, clock, dodo, reader, changes)
         if settings.reconcile_interval_seconds > 0:
@@ -116,7 +136,13 @@ async def start(
         # HTTP before gRPC, so that on stop (reverse order) in-flight RPCs drain while /readyz still says 503.
         lifecycle = Lifecycle()
         runner = web.AppRunner(
-            create_app(db=db, verifier=verifier, lifecycle=lifecycle, ingest=WebhookIngest(db, catalog, changes)),
+            create_app(
+                db=db,
+                verifier=verifier,
+                lifecycle=lifecycle,
+                ingest=WebhookIngest(db, catalog, changes),
+                readiness=readiness.problem,
+            ),
             access_log=None,
         )
         await runner.setup()
@@ -124,8 +150,8 @@ async def start(
         http_port = await _listen_http(runner, settings.http_addr)
 
         server = grpc.aio.server(
-            # Without tokens (development) the auth interceptor would only cost time on every call.
-            interceptors=[*([AuthInterceptor(settings.api_tokens)] if settings.api_tokens else []), ErrorInterceptor()],
+            # No auth interceptor without callers (development); malformed callers stop the start here.
+            interceptors=[*AuthInterceptor.configured(settings.callers_raw, settings.api_tokens), ErrorInterceptor()],
             options=[("grpc.so_reuseport", 0)],
         )
         pb_grpc.add_EntitlementServiceServicer_to_server(EntitlementServicer(reader, credit_service, plans), server)
@@ -135,11 +161,18 @@ async def start(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
-        grpc_port = _listen_grpc(server, settings.grpc_addr)
+        grpc_port = _listen_grpc(server, settings)
         await server.start()
         stack.push_async_callback(lambda: server.stop(grace[0]))
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        async def report(ready: bool) -> None:
+            # gRPC health follows readiness: NOT_SERVING while Postgres is away or the schema is wrong.
+            status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, status)
+
+        await report(readiness.ready)
+        readiness.start(tasks, report)
 
         async def drain() -> None:
             lifecycle.draining = True
@@ -149,18 +182,60 @@ async def start(
         stack.push_async_callback(drain)
         log.info("server.started", extra={"grpc_port": grpc_port, "http_port": http_port})
         return Running(
-            grpc_port, http_port, db, cache, changes, dodo, catalog, tasks, _stack=stack.pop_all(), _grace=grace
+            grpc_port=grpc_port,
+            http_port=http_port,
+            db=db,
+            cache=cache,
+            changes=changes,
+            dodo=dodo,
+            catalog=catalog,
+            tasks=tasks,
+            credit_service=credit_service,
+            _stack=stack.pop_all(),
+            _grace=grace,
         )
     raise AssertionError("unreachable")  # pragma: no cover  # the block either returns or raises
 
 
-def _listen_grpc(server: grpc.aio.Server, addr: str) -> int:
+def _listen_grpc(server: grpc.aio.Server, settings: Settings) -> int:
+    """Plaintext; TLS when ENTITLEMENTS_TLS_CERT and _KEY are set; mutual TLS (client certificates required and
+    verified against it) when ENTITLEMENTS_TLS_CLIENT_CA is set too."""
+    addr = settings.grpc_addr
+    cert, key, client_ca = (path.strip() for path in (settings.tls_cert, settings.tls_key, settings.tls_client_ca))
+    if bool(cert) != bool(key):
+        raise ConfigurationError("ENTITLEMENTS_TLS_CERT and ENTITLEMENTS_TLS_KEY must be set together (PEM file paths)")
+    if client_ca and not cert:
+        raise ConfigurationError("ENTITLEMENTS_TLS_CLIENT_CA needs ENTITLEMENTS_TLS_CERT and ENTITLEMENTS_TLS_KEY")
+
+    def pem(variable: str, path: str) -> bytes:
+        try:
+            with open(path, "rb") as file:  # a blocking read, once, before anything is served
+                data = file.read()
+        except OSError as error:
+            raise ConfigurationError(f"{variable}: cannot read {path}: {error.strerror or error}") from None
+        if b"-----BEGIN " not in data:
+            raise ConfigurationError(f"{variable}: {path} is not a PEM file")
+        return data
+
+    credentials = None
+    if cert:
+        credentials = grpc.ssl_server_credentials(
+            [(pem("ENTITLEMENTS_TLS_KEY", key), pem("ENTITLEMENTS_TLS_CERT", cert))],
+            root_certificates=pem("ENTITLEMENTS_TLS_CLIENT_CA", client_ca) if client_ca else None,
+            require_client_auth=bool(client_ca),
+        )
+    # grpc raises on a taken port (older releases returned 0), and in the same way on a key that is not the
+    # certificate's: say both.
+    why = "address in use or not available"
+    if credentials is not None:
+        why += ", or ENTITLEMENTS_TLS_KEY is not the private key of ENTITLEMENTS_TLS_CERT"
     try:
-        port = server.add_insecure_port(addr)
-    except RuntimeError as error:  # grpc raises on a taken port; older releases returned 0
-        raise ConfigurationError(f"cannot listen for gRPC on {addr}: address in use or not available") from error
+        port = server.add_insecure_port(addr) if credentials is None else server.add_secure_port(addr, credentials)
+    except RuntimeError as error:
+        raise ConfigurationError(f"cannot listen for gRPC on {addr}: {why}") from error
     if port == 0:
-        raise ConfigurationError(f"cannot listen for gRPC on {addr}: address in use or not available")
+        raise ConfigurationError(f"cannot listen for gRPC on {addr}: {why}")
+    log.info("server.grpc_transport", extra={"tls": credentials is not None, "client_certificates": bool(client_ca)})
     return port
 
 

@@ -27,7 +27,17 @@ class Settings(BaseSettings):
     http_addr: str = Field("127.0.0.1:8080", alias="ENTITLEMENTS_HTTP_ADDR")
     catalog_path: Path = Field(EXAMPLE_CATALOG, alias="ENTITLEMENTS_CATALOG")
     api_tokens_raw: str = Field("", alias="ENTITLEMENTS_API_TOKENS")
-    db_pool_size: int = Field(10, alias="ENTITLEMENTS_DB_POOL_SIZE", ge=1)
+    # `name:token:scope+scope,…` (DESIGN §14); parsed into callers, and checked, when the server starts.
+    callers_raw: str = Field("", alias="ENTITLEMENTS_CALLERS")
+    # PEM file paths; empty = plaintext gRPC. A client CA makes client certificates required (mutual TLS).
+    tls_cert: str = Field("", alias="ENTITLEMENTS_TLS_CERT")
+    tls_key: str = Field("", alias="ENTITLEMENTS_TLS_KEY")
+    tls_client_ca: str = Field("", alias="ENTITLEMENTS_TLS_CLIENT_CA")
+    db_pool_size: int = Field(10, alias="ENTITLEMENTS_DB_POOL_SIZE", ge=4)
+    lock_timeout_ms: int = Field(1000, alias="ENTITLEMENTS_LOCK_TIMEOUT_MS", ge=1)
+    consume_queue_max: int = Field(1024, alias="ENTITLEMENTS_CONSUME_QUEUE_MAX", ge=1)
+    cache_max_unknown: int = Field(50_000, alias="ENTITLEMENTS_CACHE_MAX_UNKNOWN", ge=0)
+    stale_grace_seconds: float = Field(300.0, alias="ENTITLEMENTS_STALE_GRACE_SECONDS", ge=0)
     credit_writers: int = Field(1, alias="ENTITLEMENTS_CREDIT_WRITERS", ge=1)
     cache_max_customers: int = Field(200_000, alias="ENTITLEMENTS_CACHE_MAX_CUSTOMERS", ge=0)
     shutdown_grace_seconds: float = Field(10.0, alias="ENTITLEMENTS_SHUTDOWN_GRACE_SECONDS", ge=0)

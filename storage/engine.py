@@ -8,8 +8,11 @@ asyncpg's CPU) would dominate. SQLAlchemy remains the schema's home (models, Ale
 from __future__ import annotations
 
 import asyncio
+import enum
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from decimal import Decimal
 from typing import TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
@@ -17,7 +20,7 @@ import asyncpg
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from service.domain.errors import ConfigurationError
+from service.domain.errors import ConfigurationError, StorageBusy
 
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
@@ -47,8 +50,23 @@ def make_engine(url: str, *, pool_size: int = 2, connect_timeout: float = 5.0) -
     )
 
 
+# JSON's number grammar (RFC 8259). str(Decimal) also writes "NaN", "Infinity" and "sNaN", which are not JSON.
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+def _exact_number(value: object) -> orjson.Fragment:
+    """Decimals (how Dodo's JSON is read: service/domain/dodo_payloads.py `loads`) are written with their own digits,
+    so a stored payload keeps the numbers Dodo sent; through float they would round."""
+    if isinstance(value, Decimal):
+        text = str(value)
+        if _JSON_NUMBER.fullmatch(text):
+            return orjson.Fragment(text.encode())
+        raise TypeError(f"{text} has no JSON form")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def _dumps(value: object) -> str:
-    return orjson.dumps(value).decode()
+    return orjson.dumps(value, default=_exact_number).decode()
 
 
 async def _init_connection(connection: Connection) -> None:
@@ -62,21 +80,65 @@ async def _no_reset(connection: Connection) -> None:
     so the pool's default reset query would be a wasted round trip on every release."""
 
 
-class Database:
-    """Owns the connection pool and hands out one transaction per unit of work."""
+class Budget(enum.Enum):
+    """Who a connection is for. Each budget has its own share of the pool, so one kind of work (a webhook burst,
+    consumptions queued behind a locked row) can never take the connections the others need, and the readiness
+    probe always finds one."""
 
-    def __init__(self, url: str, *, pool_size: int = 10, connect_timeout: float = 5.0) -> None:
+    READ = "read"  # CheckAccess / GetSubscription loads, ledger pages, the change publisher
+    WRITE = "write"  # webhook deliveries, plan changes, reconciliation
+    CREDIT = "credit"  # ConsumeCredits batches
+    PROBE = "probe"  # readiness and health
+
+
+def split_pool(pool_size: int) -> dict[Budget, int]:
+    """Shares of a pool of `pool_size` (at least 4): one probe connection, about 20% for consumption and 30% for
+    writes, the rest (at least one) for reads."""
+    if pool_size < len(Budget):
+        raise ConfigurationError(f"the connection pool needs at least {len(Budget)} connections, got {pool_size}")
+    credit = max(1, round(pool_size * 0.2))
+    write = max(1, round(pool_size * 0.3))
+    return {Budget.PROBE: 1, Budget.CREDIT: credit, Budget.WRITE: write, Budget.READ: pool_size - 1 - credit - write}
+
+
+class Database:
+    """Owns the connection pool and hands out one transaction per unit of work.
+
+    Every wait is bounded: a lock wait by Postgres' `lock_timeout` (set on every pooled connection), a wait for a
+    connection by the budget's `acquire_timeout`; both surface as UNAVAILABLE / 503 for that request only.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        connect_timeout: float = 5.0,
+        lock_timeout_ms: int = 1000,
+        acquire_timeout: float = 2.0,
+    ) -> None:
         self.url = plain_url(url)
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
+        self.lock_timeout_ms = lock_timeout_ms
+        self.acquire_timeout = acquire_timeout
+        self.budgets = split_pool(pool_size)
+        self._slots = {budget: asyncio.Semaphore(size) for budget, size in self.budgets.items()}
+        self._taken = dict.fromkeys(self.budgets, 0)
         self.engine = make_engine(url, connect_timeout=connect_timeout)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
         self._pool: asyncpg.Pool | None = None
         self._pool_lock: asyncio.Lock | None = None
 
     @classmethod
-    def from_url(cls, url: str, *, pool_size: int = 10, connect_timeout: float = 5.0) -> Database:
-        return cls(url, pool_size=pool_size, connect_timeout=connect_timeout)
+    def from_url(
+        cls, url: str, *, pool_size: int = 10, connect_timeout: float = 5.0, lock_timeout_ms: int = 1000
+    ) -> Database:
+        return cls(url, pool_size=pool_size, connect_timeout=connect_timeout, lock_timeout_ms=lock_timeout_ms)
+
+    def in_use(self) -> dict[Budget, int]:
+        """Connections taken right now, by budget (for metrics and tests)."""
+        return dict(self._taken)
 
     async def pool(self) -> asyncpg.Pool:
         if self._pool is not None:
@@ -96,21 +158,41 @@ class Database:
                     init=_init_connection,
                     reset=_no_reset,
                     max_inactive_connection_lifetime=60.0,
+                    server_settings={"lock_timeout": str(self.lock_timeout_ms)},
                 )
         return self._pool
 
     @asynccontextmanager
-    async def tx(self) -> AsyncIterator[Connection]:
+    async def _slot(self, budget: Budget) -> AsyncIterator[None]:
+        slot = self._slots[budget]
+        try:
+            async with asyncio.timeout(self.acquire_timeout):
+                await slot.acquire()
+        except TimeoutError:
+            raise StorageBusy(budget.value) from None
+        self._taken[budget] += 1
+        try:
+            yield
+        finally:
+            self._taken[budget] -= 1
+            slot.release()
+
+    @asynccontextmanager
+    async def tx(self, budget: Budget = Budget.WRITE) -> AsyncIterator[Connection]:
         """One connection in one transaction: committed when the block ends normally, rolled back if it raises."""
         pool = await self.pool()
-        async with pool.acquire(timeout=self.connect_timeout) as connection, connection.transaction():
+        async with (
+            self._slot(budget),
+            pool.acquire(timeout=self.connect_timeout) as connection,
+            connection.transaction(),
+        ):
             yield connection
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[Connection]:
+    async def connection(self, budget: Budget = Budget.READ) -> AsyncIterator[Connection]:
         """One connection without an explicit transaction, for single-statement reads."""
         pool = await self.pool()
-        async with pool.acquire(timeout=self.connect_timeout) as connection:
+        async with self._slot(budget), pool.acquire(timeout=self.connect_timeout) as connection:
             yield connection
 
     @asynccontextmanager

@@ -20,7 +20,10 @@ def is_database_unavailable(error: BaseException) -> bool:
             | asyncpg.InterfaceError
             | asyncpg.CannotConnectNowError
             | asyncpg.AdminShutdownError
-            | asyncpg.TooManyConnectionsError,
+            | asyncpg.TooManyConnectionsError
+            # A bounded wait that ran out (lock_timeout, statement timeout): busy now, safe to retry.
+            | asyncpg.LockNotAvailableError
+            | asyncpg.QueryCanceledError,
         ):
             return True
         if isinstance(current, sa_exc.DBAPIError) and current.connection_invalidated:
@@ -29,3 +32,11 @@ def is_database_unavailable(error: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def is_outage(error: BaseException) -> bool:
+    """Postgres itself is unreachable or refusing work (not one statement's lock or limit): every request of a
+    batch would fail the same way, so there is nothing to gain from retrying them one by one."""
+    return is_database_unavailable(error) and not isinstance(
+        error, asyncpg.LockNotAvailableError | asyncpg.QueryCanceledError
+    )

@@ -163,11 +163,14 @@ class CreditPeriodGrant(Base):
 
 
 class PlanChangeRequest(Base):
-    """One ChangePlan idempotency key: made durable before Dodo is called, so a retry after a lost answer
-    checks Dodo's state instead of sending the change a second time."""
+    """One ChangePlan idempotency key of one caller: made durable before Dodo is called, so a retry after a lost
+    answer checks Dodo's state instead of sending the change a second time. Its rows for one subscription also
+    tell whether another mutation of it is in flight (storage/repositories/plan_changes.py)."""
 
     __tablename__ = "plan_change_requests"
 
+    # Keys are scoped per caller (the ENTITLEMENTS_CALLERS name; '' with auth off): two callers never collide.
+    caller: Mapped[str] = mapped_column(Text, primary_key=True, server_default="")
     idempotency_key: Mapped[str] = mapped_column(Text, primary_key=True)
     subscription_id: Mapped[str] = mapped_column(Text, index=True)
     fingerprint: Mapped[str] = mapped_column(Text)

@@ -93,7 +93,7 @@ def database_url(server_url: str) -> Iterator[str]:
 
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database.from_url(database_url, pool_size=5)
+    database = Database.from_url(database_url, pool_size=10)
     async with database.engine.begin() as connection:
         await connection.exec_driver_sql(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
     yield database

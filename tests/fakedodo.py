@@ -3,7 +3,8 @@
 It speaks the real paths, request bodies, response shapes and error bodies (`{"code", "message"}`) of the
 subscription endpoints the service uses (DESIGN §8), keeps its state in plain dicts that tests read and edit,
 records every request it receives, and can be told to fail in the ways production will: error statuses, hangs
-longer than the client's timeout, added latency, and "applied the change, then lost the answer".
+longer than the client's timeout, added latency, "applied the change, then lost the answer", and "applied the
+change, then answered the read-back with garbage".
 
 Usage::
 
@@ -188,6 +189,7 @@ class FakeDodo:
         self.base_url: str = ""
         self.handler_errors: list[Exception] = []
         self._failures: list[_Failure] = []
+        self._after_change: list[_Failure] = []
 
     # ------------------------------------------------------------------ clock and state helpers
 
@@ -354,8 +356,18 @@ class FakeDodo:
             rule.status, rule.hang = 504, self.hang_seconds
         self._failures.append(rule)
 
+    def fail_after_change(
+        self, spec: str = "GET /subscriptions/*", status: int = 200, *, times: int = 1, body: Any = None
+    ) -> None:
+        """Like `fail_next`, armed only once a change-plan has been applied: the read-back right after a change
+        (by default, a 200 whose `body` is not a subscription) goes wrong, the reads before it do not."""
+        rule = _parse_spec(spec, times=times)
+        rule.status, rule.body = status, body
+        self._after_change.append(rule)
+
     def clear_failures(self) -> None:
         self._failures.clear()
+        self._after_change.clear()
 
     def _take_failure(self, method: str, path: str) -> _Failure | None:
         for rule in self._failures:
@@ -454,6 +466,8 @@ class FakeDodo:
         changed = self._changed(sub, body)
         sub.clear()
         sub.update(changed)
+        self._failures.extend(self._after_change)
+        self._after_change.clear()
         return web.json_response({"client_secret": None, "expires_on": None, "payment_id": None, "payment_link": None})
 
     async def _preview_change_plan(self, request: web.Request) -> web.StreamResponse:

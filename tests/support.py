@@ -283,3 +283,20 @@ class BearerToken(grpc.aio.UnaryUnaryClientInterceptor):
             client_call_details.wait_for_ready,
         )
         return await continuation(details, request)
+
+
+_DATE_FIELDS = ("created_at", "previous_billing_date", "next_billing_date", "cancelled_at", "expires_at")
+
+
+def in_current_period(event: dict[str, Any], *, now: datetime | None = None) -> dict[str, Any]:
+    """A copy of a subscription fixture moved in time so that its period started a day ago: for processes that run
+    on the wall clock (the fixtures' own dates are fixed and fall into the past)."""
+    moved = copy.deepcopy(event)
+    data = moved["data"]
+    now = now or datetime.now(UTC)
+    delta = now - timedelta(days=1) - utc(data["previous_billing_date"])
+    for name in _DATE_FIELDS:
+        if data.get(name):
+            data[name] = iso(utc(data[name]) + delta)
+    moved["timestamp"] = iso(now)
+    return moved

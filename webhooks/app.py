@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 
+import asyncpg
 from aiohttp import web
 
 from service.domain.dodo_events import Event, Outcome, parse_event
-from service.domain.errors import DomainError, MalformedPayload, StorageUnavailable
+from service.domain.errors import DomainError, InvalidArgument, StorageUnavailable
+from service.domain.limits import MAX_ID
 from storage.engine import Database
 from storage.errors import is_database_unavailable
 from storage.repositories.inbox import InboxRepository
@@ -19,7 +21,6 @@ from webhooks.verify import InvalidSignature, SignatureVerifier
 log = logging.getLogger("entitlements.webhooks")
 
 MAX_BODY_BYTES = 1024 * 1024
-READY_TIMEOUT_SECONDS = 2.0
 
 
 @dataclass
@@ -34,6 +35,9 @@ VERIFIER = web.AppKey("verifier", SignatureVerifier)
 # The webhook use case (service/app/webhook_ingest.py), injected so this transport depends only on the domain.
 Ingest = Callable[[Event], Awaitable[Outcome]]
 INGEST: web.AppKey[Ingest] = web.AppKey("ingest")
+# Why the service is not ready now, or None (service/app/readiness.py): the same check gRPC health follows.
+ReadinessCheck = Callable[[], Awaitable[str | None]]
+READINESS: web.AppKey[ReadinessCheck] = web.AppKey("readiness")
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -69,26 +73,47 @@ async def receive_dodo(request: web.Request) -> web.Response:
         return _error(413, f"body over {MAX_BODY_BYTES} bytes")
     headers = {name.lower(): value for name, value in request.headers.items()}
     try:
-        request.app[VERIFIER].verify(body, headers)
+        signed_at = request.app[VERIFIER].verify(body, headers)
     except InvalidSignature as exc:
         log.warning("webhook.rejected", extra={"why": str(exc), "webhook_id": headers.get("webhook-id")})
         return _error(401, "invalid webhook signature")
     webhook_id = headers["webhook-id"]
     try:
-        event = parse_event(body, webhook_id, headers["webhook-timestamp"])
+        event = parse_event(body, webhook_id, signed_at)
+        if event.untrusted_timestamp is not None:
+            _log_untrusted_time(event, event.untrusted_timestamp, signed_at)
         outcome = await request.app[INGEST](event)
-    except MalformedPayload as exc:
-        # A retry of a delivery we already stored is acknowledged, whatever a stricter reader thinks of it now.
+    except InvalidArgument as exc:
+        # Any 400 (MalformedPayload, or a field check the readers did not translate): a retry of a delivery we
+        # already stored is acknowledged, whatever a stricter reader thinks of it now.
         if await _already_stored(request.app[DB], webhook_id):
             return web.json_response({"status": Outcome.DUPLICATE.value})
-        log.warning("webhook.malformed", extra={"why": exc.message, "webhook_id": webhook_id})
+        log.warning("webhook.malformed", extra={"why": exc.message, "webhook_id": webhook_id[:MAX_ID]})
         return _error(400, exc.message)
     return web.json_response({"status": outcome.value})
 
 
+def _log_untrusted_time(event: Event, claimed: datetime, signed_at: datetime) -> None:
+    """The sender's clock or template is wrong: worth an operator's look, though the delivery itself is fine."""
+    log.warning(
+        "webhook.timestamp_untrusted",
+        extra={
+            "webhook_id": event.webhook_id,
+            "type": event.type,
+            "envelope_timestamp": claimed.isoformat(),
+            "signed_at": signed_at.isoformat(),
+            "ordered_by": "signed_at",
+        },
+    )
+
+
 async def _already_stored(db: Database, webhook_id: str) -> bool:
-    async with db.connection() as connection:
-        return await InboxRepository(connection).seen(webhook_id)
+    try:
+        async with db.connection() as connection:
+            return await InboxRepository(connection).seen(webhook_id)
+    except asyncpg.DataError:
+        # Text Postgres cannot take (a NUL) cannot be a webhook-id it stored.
+        return False
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -98,14 +123,14 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     if request.app[LIFECYCLE].draining:
         return _error(503, "shutting down")
-    try:
-        async with asyncio.timeout(READY_TIMEOUT_SECONDS), request.app[DB].connection() as connection:
-            await connection.execute("SELECT 1")
-    except Exception as exc:
-        if is_database_unavailable(exc):
-            return _error(503, "storage unavailable")
-        raise
+    problem = await request.app[READINESS]()
+    if problem is not None:
+        return _error(503, problem)
     return web.json_response({"status": "ready"})
+
+
+async def _always_ready() -> str | None:
+    return None
 
 
 def create_app(
@@ -114,11 +139,13 @@ def create_app(
     verifier: SignatureVerifier,
     lifecycle: Lifecycle | None = None,
     ingest: Ingest,
+    readiness: ReadinessCheck = _always_ready,
 ) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_middleware])
     app[DB] = db
     app[VERIFIER] = verifier
     app[INGEST] = ingest
+    app[READINESS] = readiness
     app[LIFECYCLE] = lifecycle or Lifecycle()
     app.router.add_post("/webhooks/dodo", receive_dodo)
     app.router.add_get("/healthz", healthz)

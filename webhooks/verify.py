@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -26,7 +27,9 @@ class SignatureVerifier:
         except Exception as exc:  # the library raises bare errors for bad base64
             raise ConfigurationError("DODO_PAYMENTS_WEBHOOK_KEY is not a valid whsec_ secret") from exc
 
-    def verify(self, body: bytes, headers: Mapping[str, str]) -> None:
+    def verify(self, body: bytes, headers: Mapping[str, str]) -> datetime:
+        """Check the signature and the ±5 minute window; returns the signed time (`webhook-timestamp`), the one
+        time of a delivery that the sender vouches for."""
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
@@ -47,7 +50,8 @@ class SignatureVerifier:
                 continue
             except (ValueError, TypeError):  # e.g. a signature entry without "v1," or bad base64
                 continue
-            return
+            # Parsed as the library parsed it to check the window: the header may carry a fraction and still verify.
+            return datetime.fromtimestamp(float(wanted["webhook-timestamp"]), tz=UTC)
         raise InvalidSignature("no matching signature")
 
 

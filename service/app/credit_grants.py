@@ -9,13 +9,11 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
 
 from service.domain import access_rules as access
 from service.domain import credit_rules as credits
 from service.domain.catalog import Catalog
-from service.domain.dodo_payloads import parse_decimal, parse_time
-from service.domain.errors import MalformedPayload
+from service.domain.dodo_payloads import DodoLedgerEntry
 from service.domain.values import AccessReason, LedgerEntry, SubscriptionState
 from storage.engine import Connection
 from storage.repositories.credits import CreditRepository
@@ -72,44 +70,24 @@ async def grant_for_period(
     return written
 
 
-async def apply_dodo_ledger_entry(connection: Connection, catalog: Catalog, data: dict[str, Any]) -> str:
+async def apply_dodo_ledger_entry(connection: Connection, catalog: Catalog, entry: DodoLedgerEntry) -> str:
     """Mirror one Dodo credit ledger entry as a signed delta, exactly once per entry id. Returns the inbox status."""
-    entry_id = data.get("id")
-    customer_id = data.get("customer_id")
-    entitlement = data.get("credit_entitlement_id")
-    if not isinstance(entry_id, str) or not entry_id:
-        raise MalformedPayload("data.id is required for a credit ledger entry")
-    if not isinstance(customer_id, str) or not customer_id:
-        raise MalformedPayload("data.customer_id is required for a credit ledger entry")
-    if not isinstance(entitlement, str) or not entitlement:
-        raise MalformedPayload("data.credit_entitlement_id is required for a credit ledger entry")
-    amount = parse_decimal(data.get("amount"), "data.amount")
-    if amount < 0:
-        raise MalformedPayload("data.amount must not be negative (the sign comes from is_credit)")
-    if not isinstance(data.get("is_credit"), bool):
-        raise MalformedPayload("data.is_credit must be true or false")
-    definition = catalog.credit_for_entitlement(entitlement)
+    definition = catalog.credit_for_entitlement(entry.credit_entitlement_id)
     if definition is None:
         return "recorded"
     repository = CreditRepository(connection)
     # The account lock serializes deliveries of one credit, so the seen-check below cannot race.
-    account = await repository.lock(customer_id, definition.key)
-    if await repository.has_dodo_entry(entry_id):
+    account = await repository.lock(entry.customer_id, definition.key)
+    if await repository.has_dodo_entry(entry.entry_id):
         return "duplicate_entry"
-    at = _entry_time(data)
-    account, expired = credits.expire(account, at)
-    kind = f"dodo_{data.get('transaction_type') or 'ledger'}"
-    if data["is_credit"]:
-        account, entry = credits.credit(
-            account, amount, grant_id=f"dodo:{entry_id}", expires_at=None, source=entry_id, kind=kind
+    account, expired = credits.expire(account, entry.created_at)
+    kind = f"dodo_{entry.transaction_type or 'ledger'}"
+    if entry.is_credit:
+        account, written = credits.credit(
+            account, entry.amount, grant_id=f"dodo:{entry.entry_id}", expires_at=None, source=entry.entry_id, kind=kind
         )
     else:
-        account, entry = credits.debit(account, amount, source=entry_id, kind=kind)
-    description = data.get("description")
-    entry = replace(entry, dodo_entry_id=entry_id, description=description if isinstance(description, str) else "")
-    await repository.save([account], [*expired, entry])
+        account, written = credits.debit(account, entry.amount, source=entry.entry_id, kind=kind)
+    written = replace(written, dodo_entry_id=entry.entry_id, description=entry.description)
+    await repository.save([account], [*expired, written])
     return "applied"
-
-
-def _entry_time(data: dict[str, Any]) -> datetime:
-    return parse_time(data.get("created_at"), "data.created_at")

@@ -12,6 +12,7 @@ import base64
 import binascii
 import logging
 import zlib
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -23,28 +24,28 @@ from service.app.change_feed import ChangeFeed
 from service.app.entitlement_cache import EntitlementCache
 from service.domain import access_rules as access
 from service.domain import credit_rules as credits
-from service.domain import decimals
+from service.domain import decimals, limits
 from service.domain.catalog import Catalog
 from service.domain.clock import Clock
 from service.domain.errors import (
+    AccountBusy,
+    ConsumeQueueFull,
     CreditAccessDenied,
     DomainError,
     IdempotencyKeyReused,
     InsufficientCredits,
-    InvalidField,
     InvalidPageToken,
     MissingField,
     Unavailable,
     UnknownCredit,
 )
 from service.domain.values import AccessReason, Account, FeatureKind, LedgerEntry
-from storage.engine import Database
+from storage.engine import Budget, Database
+from storage.errors import is_outage
 from storage.repositories.credits import CreditRepository, StoredEntry
 
 log = logging.getLogger("entitlements.credits")
 
-MAX_PAGE_SIZE = 500
-DEFAULT_PAGE_SIZE = 50
 _RETRIES_ON_KEY_RACE = 3
 
 
@@ -101,9 +102,15 @@ class _Spent:
 
 
 @dataclass(eq=False)
-class _Shard:
+class _Lane:
+    """A queue of consumptions and the writer task that drains it."""
+
     queue: list[_Pending] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def push(self, pending: _Pending) -> None:
+        self.queue.append(pending)
+        self.wake.set()
 
 
 class CreditService:
@@ -114,6 +121,12 @@ class CreditService:
     Customers map to a fixed writer, so one customer's consumptions are decided in arrival order. One writer per
     process is the default: measured here, larger batches beat parallel smaller ones (fewer commits, fewer round
     trips per request); replicas add parallelism. ENTITLEMENTS_CREDIT_WRITERS raises it.
+
+    Isolation (DESIGN §12): a request is fully validated before it can join a batch; the queue is bounded
+    (UNAVAILABLE past it); a request whose caller has gone is dropped before its transaction; a batch that fails is
+    split until the failing request fails alone; and an account locked by another transaction (another replica,
+    an operator's session) is never waited for in the shared batch: its requests move to the contended lane,
+    which waits for that lock at most `lock_timeout` per attempt.
     """
 
     def __init__(
@@ -126,6 +139,7 @@ class CreditService:
         *,
         shards: int = 1,
         max_batch: int = 256,
+        max_queued: int = 1024,
     ) -> None:
         self.db = db
         self.catalog = catalog
@@ -133,22 +147,33 @@ class CreditService:
         self.cache = cache
         self.changes = changes or ChangeFeed(db, cache)
         self.max_batch = max_batch
-        self._shards = [_Shard() for _ in range(shards)]
+        self.max_queued = max_queued
+        self._shards = [_Lane() for _ in range(shards)]
+        self._contended = _Lane()
+        # Accounts with requests in the contended lane: newer requests for them queue behind, in order.
+        self._contended_accounts: Counter[tuple[str, str]] = Counter()
 
     def _credit_key(self, credit: str) -> str:
         if not credit:
             raise MissingField("credit")
+        limits.check_id("credit", credit)
         if self.catalog.kind_of(credit) is not FeatureKind.CREDIT:
             raise UnknownCredit(credit)
         return credit
 
+    @property
+    def queued(self) -> int:
+        return sum(len(lane.queue) for lane in self._shards) + len(self._contended.queue)
+
     async def consume(self, request: ConsumeRequest) -> ConsumeResult:
-        if not request.customer_id:
-            raise MissingField("customer_id")
+        limits.check_id("customer_id", request.customer_id)
         self._credit_key(request.credit)
         amount = decimals.parse_amount(request.amount)
-        if not request.idempotency_key:
-            raise MissingField("idempotency_key")
+        limits.check_id("idempotency_key", request.idempotency_key)
+        limits.check_text("description", request.description, max_length=limits.MAX_DESCRIPTION)
+        limits.check_metadata("metadata", request.metadata)
+        if self.queued >= self.max_queued:
+            raise ConsumeQueueFull(self.max_queued)
         customer = await self.cache.get(request.customer_id, balances=False)
         now = self.clock()
         decision = access.feature_access(customer.subscriptions, self.catalog, request.credit, now)
@@ -162,61 +187,113 @@ class CreditService:
             denied=None if decision.allowed else decision.reason,
             future=asyncio.get_running_loop().create_future(),
         )
-        shard = self._shards[zlib.crc32(request.customer_id.encode()) % len(self._shards)]
-        shard.queue.append(pending)
-        shard.wake.set()
+        if pending.account_key in self._contended_accounts:
+            self._to_contended(pending)
+        else:
+            self._shards[zlib.crc32(request.customer_id.encode()) % len(self._shards)].push(pending)
         # A caller that goes away cancels only its own future; the batch runs in the writer's task and skips it.
         return await pending.future
 
     def start(self, tasks: BackgroundTasks) -> None:
-        """One writer task per shard, for as long as the process serves."""
-        for number, shard in enumerate(self._shards):
-            tasks.spawn(f"credit-writer-{number}", self._write(shard))
+        """One writer task per shard and one for the contended lane, for as long as the process serves."""
+        for number, lane in enumerate(self._shards):
+            tasks.spawn(f"credit-writer-{number}", self._write(lane, contended=False))
+        tasks.spawn("credit-writer-contended", self._write(self._contended, contended=True))
 
-    async def _write(self, shard: _Shard) -> None:
+    def _to_contended(self, pending: _Pending) -> None:
+        self._contended_accounts[pending.account_key] += 1
+        pending.future.add_done_callback(lambda _: self._left_contended(pending.account_key))
+        self._contended.push(pending)
+
+    def _left_contended(self, key: tuple[str, str]) -> None:
+        self._contended_accounts[key] -= 1
+        if self._contended_accounts[key] <= 0:
+            del self._contended_accounts[key]
+
+    async def _write(self, lane: _Lane, *, contended: bool) -> None:
         try:
             while True:
-                await shard.wake.wait()
-                shard.wake.clear()
-                while shard.queue:
-                    batch = shard.queue[: self.max_batch]
-                    del shard.queue[: self.max_batch]
-                    await self._commit(batch)
+                await lane.wake.wait()
+                lane.wake.clear()
+                while lane.queue:
+                    taken = lane.queue[: self.max_batch]
+                    del lane.queue[: self.max_batch]
+                    # Callers that have gone (deadline, cancel) are not executed at all.
+                    live = [p for p in taken if not p.future.done()]
+                    if not contended:
+                        await self._commit(live, wait_for_locks=False)
+                        continue
+                    # One account per transaction here: a lock that times out fails only that account's requests.
+                    for group in _by_account(live):
+                        await self._commit(group, wait_for_locks=True)
         finally:
             # Stopping: whatever is still queued was never executed, so the caller may safely retry it.
-            _fail(shard.queue, Unavailable("the service is shutting down; retry"))
-            shard.queue.clear()
+            _fail(lane.queue, Unavailable("the service is shutting down; retry"))
+            lane.queue.clear()
 
-    async def _commit(self, batch: list[_Pending]) -> None:
-        outcomes: list[ConsumeResult | DomainError] = []
-        for attempt in range(_RETRIES_ON_KEY_RACE):
-            try:
-                async with self.db.tx() as connection:
-                    outcomes = await self._decide(CreditRepository(connection), batch)
-                break
-            except asyncpg.UniqueViolationError as error:
-                # The same key raced in from another replica; the retry reads its row and replays it.
-                if error.constraint_name != "uq_credit_ledger_idempotency" or attempt == _RETRIES_ON_KEY_RACE - 1:
-                    _fail(batch, error)
-                    return
-            except BaseException as error:
-                _fail(batch, error)
-                if isinstance(error, Exception):
-                    return
-                raise
-        self.changes.committed(*{p.request.customer_id for p in batch}, balances_only=True)
-        for pending, outcome in zip(batch, outcomes, strict=True):
+    async def _commit(self, batch: list[_Pending], *, wait_for_locks: bool) -> None:
+        if not batch:
+            return
+        try:
+            decided, deferred = await self._run(batch, wait_for_locks=wait_for_locks)
+        except asyncpg.LockNotAvailableError:
+            if not wait_for_locks:
+                # A lock wait in the shared batch ran out (a concurrent first insert of an account): let the
+                # contended lane retry these one account at a time.
+                for pending in batch:
+                    self._to_contended(pending)
+                return
+            _fail(batch, AccountBusy())
+            return
+        except Exception as error:
+            if len(batch) > 1 and not is_outage(error):
+                # Something in this batch fails that other requests need not share: split it until the failing
+                # request is alone, so it gets its own error and everyone else their answer.
+                log.warning("credits.batch_split", extra={"size": len(batch), "why": type(error).__name__})
+                middle = len(batch) // 2
+                await self._commit(batch[:middle], wait_for_locks=wait_for_locks)
+                await self._commit(batch[middle:], wait_for_locks=wait_for_locks)
+                return
+            _fail(batch, error)
+            return
+        except BaseException:
+            _fail(batch, asyncio.CancelledError())
+            raise
+        if decided:
+            self.changes.committed(*{p.request.customer_id for p, _ in decided}, balances_only=True)
+        for pending, outcome in decided:
             if pending.future.done():
                 continue
             if isinstance(outcome, DomainError):
                 pending.future.set_exception(outcome)
             else:
                 pending.future.set_result(outcome)
+        for pending in deferred:
+            self._to_contended(pending)
 
-    async def _decide(self, repository: CreditRepository, batch: list[_Pending]) -> list[ConsumeResult | DomainError]:
+    async def _run(
+        self, batch: list[_Pending], *, wait_for_locks: bool
+    ) -> tuple[list[tuple[_Pending, ConsumeResult | DomainError]], list[_Pending]]:
+        for attempt in range(_RETRIES_ON_KEY_RACE):
+            try:
+                async with self.db.tx(Budget.CREDIT) as connection:
+                    return await self._decide(CreditRepository(connection), batch, wait_for_locks=wait_for_locks)
+            except asyncpg.UniqueViolationError as error:
+                # The same key raced in from another replica; the retry reads its row and replays it.
+                if error.constraint_name != "uq_credit_ledger_idempotency" or attempt == _RETRIES_ON_KEY_RACE - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover  # the loop returns or raises
+
+    async def _decide(
+        self, repository: CreditRepository, batch: list[_Pending], *, wait_for_locks: bool
+    ) -> tuple[list[tuple[_Pending, ConsumeResult | DomainError]], list[_Pending]]:
+        """Decide what can be decided now: (each decided request with its outcome, the requests whose account is
+        locked elsewhere and must wait in the contended lane)."""
         now = self.clock()
-        wanted = [p for p in batch if p.denied is None]
-        accounts = await repository.lock_many([p.account_key for p in wanted]) if wanted else {}
+        wanted = [p.account_key for p in batch if p.denied is None]
+        accounts = await repository.lock_many(wanted, skip_locked=not wait_for_locks) if wanted else {}
+        deferred = [p for p in batch if p.denied is None and p.account_key not in accounts]
+        batch = [p for p in batch if p.denied is not None or p.account_key in accounts]
         # After the locks: anything committed by a writer we waited for is visible to this read.
         seen = await repository.by_idempotency_keys(list({p.idempotency for p in batch}))
         entries: list[LedgerEntry] = []
@@ -226,7 +303,7 @@ class CreditService:
         expiries: dict[tuple[str, str], list[LedgerEntry]] = {}
         for key, account in accounts.items():
             accounts[key], expiries[key] = credits.expire(account, now)
-        outcomes: list[ConsumeResult | DomainError] = []
+        decided: list[tuple[_Pending, ConsumeResult | DomainError]] = []
         for pending in batch:
             outcome = self._one(pending, seen, accounts)
             if isinstance(outcome, _Spent):
@@ -234,10 +311,10 @@ class CreditService:
                 entries.extend(expiries.pop(pending.account_key, ()))
                 entries.append(outcome.entry)
                 outcome = outcome.result
-            outcomes.append(outcome)
+            decided.append((pending, outcome))
         if touched:
             await repository.save(list(touched.values()), entries)
-        return outcomes
+        return decided, deferred
 
     def _one(
         self, pending: _Pending, seen: dict[tuple[str, str], LedgerEntry], accounts: dict[tuple[str, str], Account]
@@ -285,18 +362,22 @@ class CreditService:
         return _Spent(entry, ConsumeResult(entry.entry_id, balance, replayed=False))
 
     async def ledger(self, customer_id: str, credit: str, page_size: int, page_token: str) -> LedgerPage:
-        if not customer_id:
-            raise MissingField("customer_id")
+        limits.check_id("customer_id", customer_id)
         self._credit_key(credit)
-        if page_size < 0:
-            raise InvalidField("page_size", "page_size must not be negative")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = limits.page_size(page_size)
         before = _decode_token(page_token) if page_token else None
         async with self.db.connection() as connection:
             rows = await CreditRepository(connection).page(customer_id, credit, before_id=before, limit=size + 1)
         more = len(rows) > size
         rows = rows[:size]
         return LedgerPage([row.entry for row in rows], _encode_token(rows[-1]) if more else "")
+
+
+def _by_account(batch: list[_Pending]) -> list[list[_Pending]]:
+    groups: dict[tuple[str, str], list[_Pending]] = {}
+    for pending in batch:
+        groups.setdefault(pending.account_key, []).append(pending)
+    return list(groups.values())
 
 
 def _fail(batch: list[_Pending], error: BaseException) -> None:
@@ -314,6 +395,8 @@ def _encode_token(row: StoredEntry) -> str:
 
 
 def _decode_token(token: str) -> int:
+    if len(token) > limits.MAX_ID:
+        raise InvalidPageToken()
     try:
         version, _, value = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode().partition(":")
         cursor = int(value)

@@ -13,18 +13,17 @@ webhooks: fields newer than the pinned SDK survive in the stored payload. An ans
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, NoReturn
+from typing import Any, Literal, NoReturn
 
 import dodopayments
 import httpx
 from dodopayments.types.attach_addon_param import AttachAddonParam
 
-from service.domain.dodo_payloads import DodoSubscription, read_subscription
+from service.domain.dodo_payloads import DodoSubscription, loads, read_subscription
 from service.domain.errors import (
     DodoMisconfigured,
     DodoRefused,
@@ -99,7 +98,7 @@ class DodoGateway:
         client = self._client(self._reader, "get_subscription")
         with self._translate("get_subscription", subscription_id):
             raw = await client.subscriptions.with_raw_response.retrieve(subscription_id)
-            data = await raw.json()
+            data = await self._json(raw, operation="get_subscription", subscription_id=subscription_id)
         return _readable(data, "get_subscription", subscription_id, raw.status_code)
 
     async def change_plan(
@@ -152,7 +151,7 @@ class DodoGateway:
                 addons=_addon_params(addons),
                 on_payment_failure=on_payment_failure if on_payment_failure is not None else dodopayments.omit,
             )
-            data = await raw.json()
+            data = await self._json(raw, operation="preview_change_plan", subscription_id=subscription_id)
         preview = _read_preview(data, subscription_id, raw.status_code)
         if preview is None:
             log.warning(
@@ -160,6 +159,17 @@ class DodoGateway:
             )
             raise DodoUnavailable("Dodo returned an unreadable plan-change preview", status=raw.status_code)
         return preview
+
+    async def _json(self, raw: Any, *, operation: str, subscription_id: str) -> object:
+        """Dodo's answer read like a webhook body: exact decimals, bounded nesting, nothing Postgres refuses."""
+        try:
+            return loads(await raw.text())
+        except MalformedPayload as error:
+            log.warning(
+                "dodo.unreadable",
+                extra={"operation": operation, "subscription_id": subscription_id, "why": error.message},
+            )
+            raise DodoUnavailable("Dodo answered with a body that is not readable JSON") from None
 
     def _client(self, client: dodopayments.AsyncDodoPayments | None, operation: str) -> dodopayments.AsyncDodoPayments:
         if client is None:
@@ -183,10 +193,6 @@ class DodoGateway:
             raise DodoUnavailable("Dodo could not be reached", outcome_unknown=sent) from exc
         except dodopayments.APIStatusError as exc:
             _raise_for_status(exc, facts)
-        except json.JSONDecodeError as exc:
-            # A 2xx whose body is not JSON comes from something in front of Dodo, not from Dodo itself.
-            log.warning("dodo.unreadable", extra={**facts, "why": "body is not JSON"})
-            raise DodoUnavailable("Dodo answered with a body that is not JSON") from exc
 
 
 def _readable(data: object, operation: str, subscription_id: str, status: int) -> DodoSubscription:

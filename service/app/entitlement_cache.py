@@ -2,13 +2,17 @@
 LISTEN/NOTIFY.
 
 Every write path records the changed customers in the change feed inside its transaction; after the commit the
-writer's own process forgets them at once and the publisher (service/change_feed.py) sends the notice on
+writer's own process forgets them at once and the publisher (service/app/change_feed.py) sends the notice on
 `entitlements_changed` that makes every other replica forget them. Snapshots hold raw state, never decisions:
 expiry is a comparison made at check time, so a cached snapshot stays time-correct however long it lives.
 
 Two races are closed here. A load that read the database before a change committed must not be cached after that
 change's notice arrived: loads in flight for a customer are marked dirty by a notice and then not cached. And while
-the listening connection is down, notices can be lost: the cache is cleared and bypassed until it is back.
+the listening connection is down, notices can be lost: the cache is bypassed until it is back, and cleared then.
+
+What was cached when the channel went down is kept as the last-known state: if Postgres itself cannot be reached,
+`lookup` answers from it for up to `stale_grace` seconds, marked stale (degraded mode, DESIGN §12). Memory is
+bounded by count, and ids are at most 255 characters (DESIGN §12), so the count bounds the bytes too.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
@@ -26,6 +31,7 @@ import asyncpg
 from service.app.background import BackgroundTasks
 from service.domain.values import CustomerEntitlements
 from storage.engine import Connection, Database
+from storage.errors import is_database_unavailable
 from storage.repositories.changes import CHANGES_CHANNEL, CREDITS_SCOPE
 from storage.repositories.customers import load_accounts, load_customer
 
@@ -33,6 +39,17 @@ log = logging.getLogger("entitlements.cache")
 
 Loader = Callable[[Connection, str], Awaitable[CustomerEntitlements]]
 DEFAULT_MAX_CUSTOMERS = 200_000
+DEFAULT_MAX_UNKNOWN = 50_000
+DEFAULT_STALE_GRACE_SECONDS = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    customer: CustomerEntitlements
+    # Answered from the last-known snapshot because Postgres is unreachable (degraded mode).
+    stale: bool = False
+
+
 LISTENER_NAME = "entitlements-cache-listener"
 
 
@@ -42,19 +59,30 @@ class EntitlementCache:
         db: Database,
         *,
         max_customers: int = DEFAULT_MAX_CUSTOMERS,
+        max_unknown: int = DEFAULT_MAX_UNKNOWN,
+        stale_grace: float = DEFAULT_STALE_GRACE_SECONDS,
         reconnect_delay: float = 1.0,
         ping_interval: float = 10.0,
         loader: Loader = load_customer,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.db = db
         self.loader = loader
         self.ping_interval = ping_interval
         self.max_customers = max_customers
+        self.max_unknown = max_unknown
+        self.stale_grace = stale_grace
         self.reconnect_delay = reconnect_delay
+        self._monotonic = monotonic
         self._entries: OrderedDict[str, CustomerEntitlements] = OrderedDict()
+        # Ids nobody has subscribed with: kept apart and bounded on their own, so a flood of made-up ids can
+        # neither grow memory past its bound nor push real customers out.
+        self._unknown: OrderedDict[str, CustomerEntitlements] = OrderedDict()
         self._loading: dict[str, int] = {}
         self._dirty: set[str] = set()
         self._listening = False
+        # When the invalidation channel was lost: what is cached was right until then (degraded mode).
+        self._lost_at: float | None = None
         self._listener: asyncpg.Connection | None = None
         self._stopping = False
         self._lost = asyncio.Event()
@@ -66,33 +94,60 @@ class EntitlementCache:
         return self._listening
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._unknown)
 
     async def get(self, customer_id: str, *, balances: bool = True) -> CustomerEntitlements:
         """The customer's snapshot; with `balances=False` its credit balances may be stale (ConsumeCredits reads
         them under lock anyway, and needs only the subscriptions from here)."""
-        entry = self._entries.get(customer_id)
-        if entry is not None:
-            self._entries.move_to_end(customer_id)
-            if entry.accounts_loaded or not balances:
-                self.hits += 1
-                return entry
+        entry = self._cached(customer_id)
+        if entry is not None and self._listening and (entry.accounts_loaded or not balances):
+            self.hits += 1
+            return entry
         self.misses += 1
-        return await self._load(customer_id, entry)
+        return await self._load(customer_id, entry if self._listening else None)
 
-    async def _load(self, customer_id: str, stale: CustomerEntitlements | None) -> CustomerEntitlements:
+    async def lookup(self, customer_id: str, *, balances: bool = True) -> Lookup:
+        """Like `get`, but when Postgres cannot be reached, the last-known snapshot (if it is at most
+        `stale_grace` seconds past the moment it was last known right) answers, marked stale."""
+        try:
+            return Lookup(await self.get(customer_id, balances=balances))
+        except Exception as error:
+            if not is_database_unavailable(error):
+                raise
+            known = self._last_known(customer_id, balances=balances)
+            if known is None:
+                raise
+            log.warning("cache.served_stale", extra={"customer_id": customer_id[:64]})
+            return Lookup(known, stale=True)
+
+    def _cached(self, customer_id: str) -> CustomerEntitlements | None:
+        for store in (self._entries, self._unknown):
+            entry = store.get(customer_id)
+            if entry is not None:
+                store.move_to_end(customer_id)
+                return entry
+        return None
+
+    def _last_known(self, customer_id: str, *, balances: bool) -> CustomerEntitlements | None:
+        entry = self._entries.get(customer_id) or self._unknown.get(customer_id)
+        if entry is None or (balances and not entry.accounts_loaded):
+            return None
+        if self._lost_at is not None and self._monotonic() - self._lost_at > self.stale_grace:
+            return None
+        return entry
+
+    async def _load(self, customer_id: str, known: CustomerEntitlements | None) -> CustomerEntitlements:
+        """Read the customer; `known` is a cached entry whose subscriptions hold (only its balances are read)."""
         self._loading[customer_id] = self._loading.get(customer_id, 0) + 1
         try:
             async with self.db.connection() as connection:
-                if stale is None:
+                if known is None:
                     entry = await self.loader(connection, customer_id)
                 else:
                     accounts = await load_accounts(connection, customer_id)
-                    entry = replace(stale, accounts=accounts, accounts_loaded=True)
+                    entry = replace(known, accounts=accounts, accounts_loaded=True)
             if self._listening and customer_id not in self._dirty:
-                self._entries[customer_id] = entry
-                if len(self._entries) > self.max_customers:
-                    self._entries.popitem(last=False)
+                self._store(customer_id, entry)
             return entry
         finally:
             left = self._loading[customer_id] - 1
@@ -102,9 +157,22 @@ class EntitlementCache:
                 del self._loading[customer_id]
                 self._dirty.discard(customer_id)
 
+    def _store(self, customer_id: str, entry: CustomerEntitlements) -> None:
+        if entry.subscriptions or entry.accounts:
+            self._unknown.pop(customer_id, None)
+            store, bound = self._entries, self.max_customers
+        else:
+            self._entries.pop(customer_id, None)
+            store, bound = self._unknown, self.max_unknown
+        store[customer_id] = entry
+        store.move_to_end(customer_id)
+        while len(store) > bound:
+            store.popitem(last=False)
+
     def invalidate(self, customer_id: str, *, balances_only: bool = False) -> None:
         """Forget the customer; with `balances_only`, keep its subscriptions and forget only its balances."""
         entry = self._entries.pop(customer_id, None)
+        self._unknown.pop(customer_id, None)
         if balances_only and entry is not None:
             self._entries[customer_id] = replace(entry, accounts={}, accounts_loaded=False)
         if customer_id in self._loading:
@@ -112,6 +180,7 @@ class EntitlementCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._unknown.clear()
         self._dirty.update(self._loading)
 
     def start(self, tasks: BackgroundTasks) -> None:
@@ -158,8 +227,12 @@ class EntitlementCache:
 
     def _set_listening(self, value: bool) -> None:
         if not value and self._listening and not self._stopping:
+            # Notices may be lost from here on: nothing cached is served as current any more (every read goes to
+            # Postgres), but it stays as the last-known state should Postgres be unreachable too.
             log.warning("cache.bypassed", extra={"why": "invalidation channel lost", "serving_from": "postgres"})
-            self.clear()
+            self._lost_at = self._monotonic()
+        if value:
+            self._lost_at = None
         self._listening = value
 
     def _on_notice(self, connection: Any, pid: int, channel: str, payload: object) -> None:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from decimal import Decimal
 
 from service.app.entitlement_cache import EntitlementCache
 from service.domain import access_rules as access
 from service.domain import credit_rules as credits
+from service.domain import limits
 from service.domain.catalog import Catalog
 from service.domain.clock import Clock
 from service.domain.errors import CustomerHasNoSubscription, MissingField, SubscriptionNotFound, UnknownFeature
 from service.domain.values import (
+    AccessReason,
     Account,
     CustomerEntitlements,
     FeatureDecision,
@@ -32,14 +35,18 @@ class EntitlementReader:
         self.cache = cache
 
     async def check_access(self, customer_id: str, feature: str) -> FeatureDecision:
-        if not customer_id:
-            raise MissingField("customer_id")
-        if not feature:
-            raise MissingField("feature")
+        limits.check_id("customer_id", customer_id)
+        limits.check_id("feature", feature)
         kind = self.catalog.kind_of(feature)
         if kind is None:
             raise UnknownFeature(feature)
-        return self.decide(await self.cache.get(customer_id), feature, kind)
+        found = await self.cache.lookup(customer_id, balances=kind is FeatureKind.CREDIT)
+        decision = self.decide(found.customer, feature, kind)
+        if not found.stale:
+            return decision
+        if not self.catalog.serves_stale(feature):
+            return FeatureDecision(False, AccessReason.STORAGE_UNAVAILABLE, kind, stale=True)
+        return replace(decision, stale=True)
 
     def decide(self, customer: CustomerEntitlements, feature: str, kind: FeatureKind) -> FeatureDecision:
         now = self.clock()
@@ -52,6 +59,8 @@ class EntitlementReader:
         return access.feature_access(subs, self.catalog, feature, now, balance=balance, overage_headroom=headroom)
 
     async def get_subscription(self, *, subscription_id: str = "", customer_id: str = "") -> SubscriptionView:
+        limits.check_id("subscription_id", subscription_id, required=False)
+        limits.check_id("customer_id", customer_id, required=False)
         if subscription_id:
             async with self.db.connection() as connection:
                 found = await SubscriptionRepository(connection).get(subscription_id)

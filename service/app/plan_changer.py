@@ -1,9 +1,12 @@
 """ChangePlan through the Dodo API: never sent twice for one request, honest about failures, and entitlements
 move the moment Dodo accepts (the snapshot is applied through the same path as webhooks).
 
-An idempotency key is made durable ('sending') before Dodo is called. If Dodo's answer is lost (timeout, 5xx),
-the key stays unresolved; the next attempt with it first reads the subscription back from Dodo and, when the
-change is already there, answers success without calling change-plan again.
+An idempotency key (scoped per caller) is made durable ('sending') before Dodo is called. If Dodo's answer is lost
+(timeout, 5xx), the key stays unresolved; the next attempt with it first reads the subscription back from Dodo and,
+when the change is already there, answers success without calling change-plan again.
+
+Mutations of one subscription go one at a time: while one is in flight (any key, any caller), another is
+FAILED_PRECONDITION PLAN_CHANGE_IN_PROGRESS before Dodo is asked anything, so two prorations never overlap.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from service.app.change_feed import ChangeFeed
 from service.app.dodo_gateway import DodoGateway
 from service.app.entitlement_reader import EntitlementReader
 from service.app.snapshots import apply_snapshot
+from service.domain import limits
 from service.domain.catalog import Catalog
 from service.domain.clock import Clock
 from service.domain.dodo_payloads import DodoSubscription
@@ -24,8 +28,8 @@ from service.domain.errors import (
     DomainError,
     IdempotencyKeyReused,
     InvalidField,
-    MissingField,
     NotFound,
+    PlanChangeInProgress,
     ProductNotInCatalog,
     RequestInFlight,
     Unavailable,
@@ -40,7 +44,7 @@ from service.domain.plan_change_rules import (
 )
 from service.domain.values import SubscriptionView
 from storage.engine import Database
-from storage.repositories.plan_changes import PlanChangeRecord, PlanChangeRepository, PlanChangeStatus
+from storage.repositories.plan_changes import ClaimOutcome, PlanChangeRecord, PlanChangeRepository, PlanChangeStatus
 
 log = logging.getLogger("entitlements.plan_changes")
 
@@ -66,37 +70,44 @@ class PlanChanger:
         self.lease = lease
 
     def _validate(self, change: PlanChange) -> None:
-        if not change.subscription_id:
-            raise MissingField("subscription_id")
-        if not change.product_id:
-            raise MissingField("product_id")
+        limits.check_id("subscription_id", change.subscription_id)
+        limits.check_id("product_id", change.product_id)
         if self.catalog.plan(change.product_id) is None:
             raise ProductNotInCatalog(change.product_id)
         if change.quantity < 0:
             raise InvalidField("quantity", "quantity must not be negative (0 keeps the current quantity)")
-        if not change.preview and not change.idempotency_key:
-            raise MissingField("idempotency_key")
+        limits.check_id("idempotency_key", change.idempotency_key, required=not change.preview)
 
     async def change(self, change: PlanChange) -> PlanChangeResult:
         self._validate(change)
         if change.preview:
             return await self._preview(change)
-        key = change.idempotency_key
         async with self.db.tx() as connection:
-            before, record = await PlanChangeRepository(connection).claim(
-                key=key, subscription_id=change.subscription_id, fingerprint=fingerprint(change), lease=self.lease
+            claim = await PlanChangeRepository(connection).claim(
+                caller=change.caller,
+                key=change.idempotency_key,
+                subscription_id=change.subscription_id,
+                fingerprint=fingerprint(change),
+                lease=self.lease,
             )
-        if record.fingerprint != fingerprint(change):
+            if claim.outcome is ClaimOutcome.SUBSCRIPTION_BUSY:
+                # Raised inside the transaction: its rollback removes the row a new key just got.
+                log.info(
+                    "plan_change.subscription_busy",
+                    extra={"subscription_id": change.subscription_id, "caller": change.caller},
+                )
+                raise PlanChangeInProgress()
+        if claim.outcome is ClaimOutcome.OTHER_PARAMETERS:
             raise IdempotencyKeyReused("idempotency_key was already used for a different plan change")
-        if before is None:
-            if record.status is PlanChangeStatus.COMPLETED:
-                return PlanChangeResult(await self._local_view(change.subscription_id), replayed=True)
+        if claim.outcome is ClaimOutcome.COMPLETED:
+            return PlanChangeResult(await self._local_view(change.subscription_id), replayed=True)
+        if claim.outcome is ClaimOutcome.KEY_IN_FLIGHT:
             raise RequestInFlight("a plan change with this idempotency key is in progress; retry shortly")
         attempt = _Attempt()
         try:
-            return await self._attempt(change, attempt, retrying=_unresolved(before))
+            return await self._attempt(change, attempt, retrying=_unresolved(claim.record))
         except BaseException as error:
-            await self._release(key, error, attempt)
+            await self._release(change, error, attempt)
             raise
 
     async def _read(self, subscription_id: str) -> tuple[DodoSubscription, datetime]:
@@ -137,12 +148,14 @@ class PlanChanger:
     async def _complete(self, change: PlanChange, fetched: DodoSubscription, asked_at: datetime) -> PlanChangeResult:
         async with self.db.tx() as connection:
             outcome = await apply_snapshot(connection, self.catalog, fetched, asked_at, refreshed_at=self.clock())
-            await PlanChangeRepository(connection).finish(change.idempotency_key, PlanChangeStatus.COMPLETED)
+            await PlanChangeRepository(connection).finish(
+                change.caller, change.idempotency_key, PlanChangeStatus.COMPLETED
+            )
         # The caller's next CheckAccess must see the new plan at once, not after the notice comes round.
         self.changes.committed(outcome.current.customer_id)
         return PlanChangeResult(await self._local_view(change.subscription_id))
 
-    async def _release(self, key: str, error: BaseException, attempt: _Attempt) -> None:
+    async def _release(self, change: PlanChange, error: BaseException, attempt: _Attempt) -> None:
         """After a failed attempt: keep the key unresolved whenever Dodo may have applied the change (the next attempt
         reads Dodo first and completes without sending it again); free it after a definite refusal."""
         refused = isinstance(error, DomainError) and not isinstance(error, Unavailable)
@@ -152,12 +165,21 @@ class PlanChanger:
             async with self.db.tx() as connection:
                 repository = PlanChangeRepository(connection)
                 if maybe_applied:
-                    await repository.finish(key, PlanChangeStatus.UNKNOWN, error=str(error)[:500])
+                    await repository.finish(
+                        change.caller, change.idempotency_key, PlanChangeStatus.UNKNOWN, error=str(error)[:500]
+                    )
                 else:
-                    await repository.forget(key)
+                    await repository.forget(change.caller, change.idempotency_key)
         except Exception:
             # Postgres is away too: the key keeps its lease and the next attempt after it re-checks Dodo.
-            log.warning("plan_change.release_failed", extra={"idempotency_key": key})
+            log.warning(
+                "plan_change.release_failed",
+                extra={
+                    "subscription_id": change.subscription_id,
+                    "caller": change.caller,
+                    "idempotency_key": change.idempotency_key,
+                },
+            )
 
     async def _preview(self, change: PlanChange) -> PlanChangeResult:
         current, _ = await self._read(change.subscription_id)

@@ -57,6 +57,9 @@ class Catalog:
     credits: Mapping[str, CreditDef] = field(default_factory=dict)
     grace_period_days: int = DEFAULT_GRACE_PERIOD_DAYS
     feature_kinds: Mapping[str, FeatureKind] = field(default_factory=dict)
+    # Features and credits that must not be granted from a last-known snapshot while Postgres is unreachable
+    # (`on_outage = "deny"`); every other one is served from it, marked stale, for a bounded time.
+    deny_on_outage: frozenset[str] = frozenset()
     source: str = "<memory>"
 
     def plan(self, product_id: str) -> Plan | None:
@@ -67,6 +70,9 @@ class Catalog:
         if plan is not None and plan.grace_period_days is not None:
             return plan.grace_period_days
         return self.grace_period_days
+
+    def serves_stale(self, feature: str) -> bool:
+        return feature not in self.deny_on_outage
 
     def kind_of(self, feature: str) -> FeatureKind | None:
         return self.feature_kinds.get(feature)
@@ -93,16 +99,19 @@ def load_catalog(path: Path | str) -> Catalog:
 
 def parse_catalog(raw: Mapping[str, Any], *, source: str = "<memory>") -> Catalog:
     p = _Parser(source)
-    unknown = set(raw) - {"grace_period_days", "credits", "plans"}
+    unknown = set(raw) - {"grace_period_days", "credits", "plans", "features"}
     if unknown:
-        p.fail(sorted(unknown)[0], "unknown top-level key (expected grace_period_days, credits, plans)")
+        p.fail(sorted(unknown)[0], "unknown top-level key (expected grace_period_days, credits, features, plans)")
     grace = p.days(raw.get("grace_period_days", DEFAULT_GRACE_PERIOD_DAYS), "grace_period_days")
 
     credits: dict[str, CreditDef] = {}
+    deny_on_outage: set[str] = set()
     for key, body in p.table(raw.get("credits", {}), "credits").items():
         where = f"credits.{key}"
         body = p.table(body, where)
-        p.only(body, where, {"dodo_credit_entitlement_id", "overage_limit", "rollover"})
+        p.only(body, where, {"dodo_credit_entitlement_id", "overage_limit", "rollover", "on_outage"})
+        if p.on_outage(body.get("on_outage", "serve_stale"), f"{where}.on_outage"):
+            deny_on_outage.add(key)
         linked = body.get("dodo_credit_entitlement_id")
         if linked is not None and (not isinstance(linked, str) or not linked):
             p.fail(f"{where}.dodo_credit_entitlement_id", "must be a non-empty string")
@@ -173,7 +182,22 @@ def parse_catalog(raw: Mapping[str, Any], *, source: str = "<memory>") -> Catalo
             trial_credits=grants["trial_credits"],
             grace_period_days=None if plan_grace is None else p.days(plan_grace, f"{where}.grace_period_days"),
         )
-    return Catalog(plans=plans, credits=credits, grace_period_days=grace, feature_kinds=kinds, source=source)
+    for key, body in p.table(raw.get("features", {}), "features").items():
+        where = f"features.{key}"
+        body = p.table(body, where)
+        p.only(body, where, {"on_outage"})
+        if kinds.get(key) not in (FeatureKind.BOOLEAN, FeatureKind.LIMIT):
+            p.fail(where, f"{key!r} is not a feature or limit of any plan (credits say on_outage in [credits.{key}])")
+        if p.on_outage(body.get("on_outage", "serve_stale"), f"{where}.on_outage"):
+            deny_on_outage.add(key)
+    return Catalog(
+        plans=plans,
+        credits=credits,
+        grace_period_days=grace,
+        feature_kinds=kinds,
+        deny_on_outage=frozenset(deny_on_outage),
+        source=source,
+    )
 
 
 class _Parser:
@@ -192,6 +216,12 @@ class _Parser:
         extra = sorted(set(body) - allowed)
         if extra:
             self.fail(f"{where}.{extra[0]}", f"unknown key (expected one of {', '.join(sorted(allowed))})")
+
+    def on_outage(self, value: Any, where: str) -> bool:
+        """True for "deny", False for "serve_stale"."""
+        if value not in ("deny", "serve_stale"):
+            self.fail(where, 'must be "deny" or "serve_stale"')
+        return bool(value == "deny")
 
     def days(self, value: Any, where: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

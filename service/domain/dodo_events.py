@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from service.domain.dodo_payloads import parse_time
+from service.domain.dodo_payloads import (
+    DodoLedgerEntry,
+    DodoSubscription,
+    loads,
+    parse_time,
+    read_credit_notice,
+    read_id,
+    read_ledger_entry,
+    read_payment,
+    read_subscription,
+)
 from service.domain.errors import MalformedPayload
 
 SUBSCRIPTION_EVENTS = frozenset(
@@ -57,47 +66,81 @@ class Outcome(enum.StrEnum):
     DUPLICATE_ENTRY = "duplicate_entry"
 
 
+# DESIGN §12: an envelope time later than this past the signed time is not trusted to order anything.
+TIMESTAMP_TRUST = timedelta(minutes=5)
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     webhook_id: str
     type: str
+    # The time that orders this event against others of its subscription (see `parse_event`).
     timestamp: datetime
     business_id: str
     data: dict[str, Any]
-    body: dict[str, Any]
+    # The body as received: stored as it is, so numbers keep their digits (see `InboxRepository.record`).
+    text: str
+    # The envelope's own time when it was later than the signed time allows, and so was not used.
+    untrusted_timestamp: datetime | None = None
 
 
-def parse_event(body: bytes, webhook_id: str, header_timestamp: str) -> Event:
+def parse_event(body: bytes, webhook_id: str, signed_at: datetime) -> Event:
+    """The envelope of a delivery whose signature (made at `signed_at`) has been verified.
+
+    Only the signature vouches for time: an envelope `timestamp` more than `TIMESTAMP_TRUST` after `signed_at`
+    (a clock gone wrong, a replayed template stamped 2099) would otherwise outrank every real event of its
+    subscription for years, so the signed time orders the event instead."""
+    webhook_id = read_id(webhook_id, "webhook-id")
     try:
-        # NaN and Infinity are not JSON (RFC 8259) and Postgres cannot store them: a 400, not a failed insert.
-        envelope = json.loads(body, parse_constant=_not_json)
-    except (ValueError, UnicodeDecodeError):
-        raise MalformedPayload("body is not JSON") from None
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedPayload("body is not UTF-8") from None
+    envelope = loads(text)
     if not isinstance(envelope, dict):
         raise MalformedPayload("body must be a JSON object")
-    event_type = envelope.get("type")
+    event_type = read_id(envelope.get("type"), "type")
     data = envelope.get("data")
-    if not isinstance(event_type, str) or not event_type:
-        raise MalformedPayload("type is required")
     if not isinstance(data, dict):
         raise MalformedPayload("data must be an object")
-    raw_time = envelope.get("timestamp")
-    if raw_time is None:
-        # The envelope time orders events; the signed header time is the closest stand-in when it is absent.
-        # Parsed as the verifier parsed it: the header may carry a fraction ("1790000000.0") and still verify.
-        timestamp = datetime.fromtimestamp(float(header_timestamp), tz=UTC)
-    else:
-        timestamp = parse_time(raw_time, "timestamp")
-    business_id = envelope.get("business_id")
+    timestamp, untrusted = signed_at, None
+    if envelope.get("timestamp") is not None:
+        claimed = parse_time(envelope["timestamp"], "timestamp")
+        if claimed > signed_at + TIMESTAMP_TRUST:
+            untrusted = claimed
+        else:
+            timestamp = claimed
     return Event(
         webhook_id=webhook_id,
         type=event_type,
         timestamp=timestamp,
-        business_id=business_id if isinstance(business_id, str) else "",
+        business_id=read_id(envelope.get("business_id"), "business_id", required=False),
         data=data,
-        body=envelope,
+        text=text,
+        untrusted_timestamp=untrusted,
     )
 
 
-def _not_json(constant: str) -> Any:
-    raise ValueError(f"{constant} is not JSON")
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """An event stored in the inbox but not applied (payments, credit notices, types we do not handle)."""
+
+    outcome: Outcome
+    subject_id: str
+
+
+EventData = DodoSubscription | DodoLedgerEntry | Kept
+
+
+def read_data(event: Event) -> EventData:
+    """The event's `data`, read and checked for its family before any connection is taken: a subscription snapshot,
+    a credit ledger entry, or what the inbox row of a kept-only event is filed under."""
+    if event.type in SUBSCRIPTION_EVENTS:
+        return read_subscription(event.data)
+    if event.type in CREDIT_LEDGER_EVENTS:
+        return read_ledger_entry(event.data)
+    family = event.type.split(".", 1)[0]
+    if family == "payment":
+        return Kept(Outcome.RECORDED, read_payment(event.data))
+    if family == "credit":
+        return Kept(Outcome.RECORDED, read_credit_notice(event.data))
+    return Kept(Outcome.IGNORED, "")

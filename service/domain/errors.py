@@ -12,6 +12,15 @@ from collections.abc import Mapping
 
 import grpc
 
+QUOTE_LIMIT = 64
+
+
+def quote(value: str) -> str:
+    """Caller input inside a message (DESIGN §12): repr'd and cut to QUOTE_LIMIT characters."""
+    if len(value) <= QUOTE_LIMIT:
+        return repr(value)
+    return repr(value[:QUOTE_LIMIT]) + f"… ({len(value)} characters)"
+
 
 class ConfigurationError(Exception):
     """The process cannot start as configured (empty webhook key, bad catalog, port taken, schema not at head)."""
@@ -93,12 +102,12 @@ class MissingField(InvalidField):
 
 class UnknownFeature(InvalidField):
     def __init__(self, feature: str) -> None:
-        super().__init__("feature", f"unknown feature {feature!r}: not a feature, limit or credit of the catalog")
+        super().__init__("feature", f"unknown feature {quote(feature)}: not a feature, limit or credit of the catalog")
 
 
 class UnknownCredit(InvalidField):
     def __init__(self, credit: str) -> None:
-        super().__init__("credit", f"unknown credit {credit!r}: not a credit of the catalog")
+        super().__init__("credit", f"unknown credit {quote(credit)}: not a credit of the catalog")
 
 
 class InvalidAmount(InvalidField):
@@ -114,7 +123,7 @@ class ProductNotInCatalog(InvalidField):
     reason = "PRODUCT_NOT_IN_CATALOG"
 
     def __init__(self, product_id: str) -> None:
-        super().__init__("product_id", f"product {product_id!r} is not in the plan catalog")
+        super().__init__("product_id", f"product {quote(product_id)} is not in the plan catalog")
 
 
 class PlanUnchanged(InvalidArgument):
@@ -132,13 +141,13 @@ class MalformedPayload(InvalidArgument):
 class SubscriptionNotFound(NotFound):
     def __init__(self, subscription_id: str, *, at_dodo: bool = False) -> None:
         where = " at Dodo" if at_dodo else ""
-        super().__init__(f"subscription {subscription_id!r} not found{where}")
+        super().__init__(f"subscription {quote(subscription_id)} not found{where}")
         self.subscription_id = subscription_id
 
 
 class CustomerHasNoSubscription(NotFound):
     def __init__(self, customer_id: str) -> None:
-        super().__init__(f"customer {customer_id!r} has no subscription")
+        super().__init__(f"customer {quote(customer_id)} has no subscription")
 
 
 # --- preconditions ---------------------------------------------------------------------------------------------
@@ -150,12 +159,22 @@ class IdempotencyKeyReused(FailedPrecondition):
 
 class SubscriptionNotActive(FailedPrecondition):
     def __init__(self, status: str) -> None:
-        super().__init__(f"subscription is {status!r}; only an active subscription can change plan")
+        super().__init__(f"subscription is {quote(status)}; only an active subscription can change plan")
 
 
 class PlanChangeAlreadyScheduled(FailedPrecondition):
     def __init__(self) -> None:
         super().__init__("a plan change is already scheduled for this subscription")
+
+
+class PlanChangeInProgress(FailedPrecondition):
+    """Another mutation of this subscription (any idempotency key, any caller) is in flight at Dodo: mutations of
+    one subscription go one at a time, so two prorations never overlap. Retry once it has finished."""
+
+    reason = "PLAN_CHANGE_IN_PROGRESS"
+
+    def __init__(self) -> None:
+        super().__init__("another change of this subscription is in progress; retry once it has finished")
 
 
 class DodoRefused(FailedPrecondition):
@@ -186,6 +205,24 @@ class CreditAccessDenied(PermissionDenied):
 class StorageUnavailable(Unavailable):
     def __init__(self) -> None:
         super().__init__("storage unavailable, retry later")
+
+
+class StorageBusy(Unavailable):
+    """Every connection this kind of work may use is taken: fail fast rather than queue without bound."""
+
+    def __init__(self, budget: str) -> None:
+        super().__init__(f"storage busy ({budget} connections all in use), retry later")
+        self.budget = budget
+
+
+class ConsumeQueueFull(Unavailable):
+    def __init__(self, bound: int) -> None:
+        super().__init__(f"too many consumptions queued in this process (over {bound}); retry shortly")
+
+
+class AccountBusy(Unavailable):
+    def __init__(self) -> None:
+        super().__init__("the credit account is locked by another transaction; retry shortly")
 
 
 class RequestInFlight(Unavailable):

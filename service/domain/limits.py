@@ -8,7 +8,23 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from service.domain.errors import InvalidField
+from service.domain.errors import QUOTE_LIMIT, InvalidField, quote
+
+__all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "MAX_DESCRIPTION",
+    "MAX_ID",
+    "MAX_METADATA_KEY",
+    "MAX_METADATA_PAIRS",
+    "MAX_METADATA_VALUE",
+    "MAX_PAGE_SIZE",
+    "QUOTE_LIMIT",
+    "check_id",
+    "check_metadata",
+    "check_text",
+    "page_size",
+    "quote",
+]
 
 MAX_ID = 255
 MAX_DESCRIPTION = 1_000
@@ -17,7 +33,6 @@ MAX_METADATA_KEY = 40
 MAX_METADATA_VALUE = 500
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-QUOTE_LIMIT = 64
 
 # Ids: printable, so no C0/C1 control characters (NUL included), no line or paragraph separators.
 _NOT_ID = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -25,13 +40,6 @@ _NOT_ID = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _NOT_TEXT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # Lone surrogates cannot be encoded as UTF-8 (a Python str may carry them, Postgres and protobuf cannot).
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
-
-
-def quote(value: str) -> str:
-    """Caller input inside a message: repr'd, and cut to QUOTE_LIMIT characters."""
-    if len(value) <= QUOTE_LIMIT:
-        return repr(value)
-    return repr(value[:QUOTE_LIMIT]) + f"… ({len(value)} characters)"
 
 
 def check_id(field: str, value: str, *, required: bool = True) -> str:

@@ -28,6 +28,9 @@ class PlanChange:
     effective_at: EffectiveAt
     idempotency_key: str
     preview: bool = False
+    # Who asks (the authenticated caller's name, '' with auth off): idempotency keys are scoped per caller. Not
+    # part of the fingerprint: the key's scope, not a parameter of the change.
+    caller: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ class AccessReason(enum.StrEnum):
     FEATURE_NOT_IN_PLAN = "FEATURE_NOT_IN_PLAN"
     SUBSCRIPTION_INACTIVE = "SUBSCRIPTION_INACTIVE"
     CREDITS_EXHAUSTED = "CREDITS_EXHAUSTED"
+    STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
 
     @property
     def grants(self) -> bool:
@@ -221,6 +222,8 @@ class FeatureDecision:
     access_ends_at: datetime | None = None
     limit: int = 0
     balance: Decimal | None = None
+    # Decided from the last-known state while Postgres is unreachable (degraded mode).
+    stale: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ _REASONS: dict[AccessReason, pb.AccessReason.ValueType] = {
     AccessReason.FEATURE_NOT_IN_PLAN: pb.ACCESS_REASON_FEATURE_NOT_IN_PLAN,
     AccessReason.SUBSCRIPTION_INACTIVE: pb.ACCESS_REASON_SUBSCRIPTION_INACTIVE,
     AccessReason.CREDITS_EXHAUSTED: pb.ACCESS_REASON_CREDITS_EXHAUSTED,
+    AccessReason.STORAGE_UNAVAILABLE: pb.ACCESS_REASON_STORAGE_UNAVAILABLE,
 }
 
 _KINDS: dict[FeatureKind, pb.FeatureKind.ValueType] = {
@@ -56,6 +57,7 @@ def check_access_response(decision: FeatureDecision) -> pb.CheckAccessResponse:
         limit=decision.limit,
         balance=decimal_text(decision.balance),
         kind=_KINDS[decision.kind],
+        stale=decision.stale,
     )
 
 
@@ -158,7 +160,7 @@ _EFFECTIVE: dict[pb.EffectiveAt.ValueType, EffectiveAt] = {
 }
 
 
-def plan_change(request: pb.ChangePlanRequest) -> PlanChange:
+def plan_change(request: pb.ChangePlanRequest, *, caller: str = "") -> PlanChange:
     proration = _PRORATION.get(request.proration_mode)
     effective_at = _EFFECTIVE.get(request.effective_at)
     if proration is None:
@@ -173,6 +175,7 @@ def plan_change(request: pb.ChangePlanRequest) -> PlanChange:
         effective_at=effective_at,
         idempotency_key=request.idempotency_key,
         preview=request.preview,
+        caller=caller,
     )
 
 

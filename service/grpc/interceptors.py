@@ -1,35 +1,46 @@
-"""Cross-cutting gRPC concerns: bearer-token auth, and mapping domain/infra errors to status codes once."""
+"""Cross-cutting gRPC concerns: callers and their scopes (bearer tokens), and mapping domain/infra errors to status
+codes once."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import enum
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias, cast
 
 import grpc
+from entitlements.v1 import entitlements_pb2 as pb
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from service.domain.errors import DomainError, StorageUnavailable
+from service.domain.errors import ConfigurationError, DomainError, PermissionDenied, StorageUnavailable
 from storage.errors import is_database_unavailable
 
 log = logging.getLogger("entitlements.grpc")
 
 ERROR_DOMAIN = "entitlements.v1"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EntitlementService"].full_name
 _PUBLIC_PREFIXES = ("/grpc.health.v1.Health/",)
 
 Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]]"
 
 
 def _same_kind(
-    handler: grpc.RpcMethodHandler[Any, Any], behaviour: Callable[..., Any]
+    handler: grpc.RpcMethodHandler[Any, Any],
+    behaviour: Callable[..., Any],
+    *,
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """A handler of the same streaming kind as `handler` whose body is `behaviour`."""
+    """A handler of the same streaming kind as `handler` whose body is `behaviour` (and, if given, whose request
+    deserializer is `request_deserializer`)."""
     kwargs = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": request_deserializer or handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:
@@ -41,49 +52,241 @@ def _same_kind(
     return grpc.stream_stream_rpc_method_handler(behaviour, **kwargs)
 
 
-_UNAUTHENTICATED = "missing or invalid bearer token"
+_UNAUTHENTICATED_STATUS = rpc_status.to_status(
+    status_pb2.Status(code=code_pb2.UNAUTHENTICATED, message="missing or invalid bearer token")
+)
 
 
-async def _deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+class Scope(enum.StrEnum):
+    """What a caller may do (DESIGN §14). Every RPC needs exactly one."""
+
+    CHECK = "check"  # read entitlements: CheckAccess, GetSubscription, ListCreditLedger
+    CONSUME = "consume"  # spend credits: ConsumeCredits
+    BILLING = "billing"  # move money: ChangePlan (and every method this map does not name: deny by default)
 
 
-async def _deny_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-    # A streaming handler must be an async generator, or grpc.aio races its abort against the first write.
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
-    yield  # type: ignore[unreachable]  # abort raises; the yield only makes this a generator
+_METHOD_SCOPES = {
+    "CheckAccess": Scope.CHECK,
+    "GetSubscription": Scope.CHECK,
+    "ListCreditLedger": Scope.CHECK,
+    "ConsumeCredits": Scope.CONSUME,
+    "ChangePlan": Scope.BILLING,
+}
+# Any valid caller may ask reflection what the API looks like; health is for load balancers, who carry no token.
+_AUTHENTICATED_ONLY = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
+_SCOPE_VALUES = frozenset(scope.value for scope in Scope)
+_SCOPE_NAMES = ", ".join(sorted(_SCOPE_VALUES))
+_CALLER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# The name ENTITLEMENTS_API_TOKENS' callers share: one calling service rotating its token keeps its idempotency keys.
+LEGACY_CALLER = "default"
+
+_caller: contextvars.ContextVar[str] = contextvars.ContextVar("entitlements_caller", default="")
+
+
+def current_caller() -> str:
+    """The authenticated caller's name inside a unary handler; empty when auth is off (development)."""
+    return _caller.get()
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    name: str
+    token: bytes = field(repr=False)
+    scopes: frozenset[Scope]
+
+
+def required_scope(method: str) -> Scope | None:
+    """The scope a full method name (`/package.Service/Method`) needs; None: any valid caller will do."""
+    if method.startswith(_AUTHENTICATED_ONLY):
+        return None
+    service, _, name = method.lstrip("/").partition("/")
+    if service == SERVICE_NAME:
+        return _METHOD_SCOPES.get(name, Scope.BILLING)
+    return Scope.BILLING
+
+
+def parse_callers(callers: str, api_tokens: Iterable[str] = ()) -> tuple[Caller, ...]:
+    """ENTITLEMENTS_CALLERS (`name:token:scope+scope,…`) plus the old ENTITLEMENTS_API_TOKENS (every scope, all
+    named `default`). Raises ConfigurationError on a malformed entry; messages never quote a token."""
+    parsed = [_parse_caller(position, entry) for position, entry in _entries(callers)]
+    names = [caller.name for caller in parsed]
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated is not None:
+        raise ConfigurationError(f"ENTITLEMENTS_CALLERS: caller name {repeated!r} is used twice")
+    legacy = sorted(api_tokens)
+    if legacy and LEGACY_CALLER in names:
+        raise ConfigurationError(
+            f"ENTITLEMENTS_CALLERS: the name {LEGACY_CALLER!r} is taken by the callers of ENTITLEMENTS_API_TOKENS"
+        )
+    # The old tokens share one name on purpose: a caller rotating its token keeps its idempotency keys.
+    parsed.extend(Caller(LEGACY_CALLER, token.encode(), frozenset(Scope)) for token in legacy)
+    owners: dict[bytes, str] = {}
+    for caller in parsed:
+        if caller.token in owners:
+            owner = owners[caller.token]
+            raise ConfigurationError(f"callers {owner!r} and {caller.name!r} have the same token: each needs its own")
+        owners[caller.token] = caller.name
+    return tuple(parsed)
+
+
+def _entries(callers: str) -> Iterator[tuple[int, str]]:
+    for position, entry in enumerate(callers.split(","), start=1):
+        if entry.strip():
+            yield position, entry.strip()
+
+
+def _parse_caller(position: int, entry: str) -> Caller:
+    where = f"ENTITLEMENTS_CALLERS entry {position}"
+    # A token may contain ':' itself; a name and the scopes cannot.
+    name, _, rest = entry.partition(":")
+    token, _, scopes = rest.rpartition(":")
+    if not name or not token or not scopes:
+        raise ConfigurationError(f"{where}: expected name:token:scope+scope (scopes: {_SCOPE_NAMES})")
+    if not _CALLER_NAME.fullmatch(name):
+        raise ConfigurationError(f"{where}: caller name {name[:64]!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    if any(character.isspace() for character in token):
+        raise ConfigurationError(f"{where} ({name!r}): the token must not contain whitespace")
+    wanted = scopes.split("+")
+    unknown = next((scope for scope in wanted if scope not in _SCOPE_VALUES), None)
+    if unknown is not None:
+        raise ConfigurationError(f"{where} ({name!r}): unknown scope {unknown[:64]!r} (scopes: {_SCOPE_NAMES})")
+    return Caller(name, token.encode(), frozenset(Scope(scope) for scope in wanted))
+
+
+def _aborting(
+    handler: grpc.RpcMethodHandler[Any, Any], status: grpc.Status, denied: dict[str, str] | None = None
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of `handler`'s kind that only answers `status` (logging `denied`, the facts of a refusal)."""
+
+    async def abort(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if denied is not None:
+            log.warning("grpc.scope_missing", extra=denied)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    async def abort_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        # A streaming handler must be an async generator, or grpc.aio races its abort against the first write.
+        if denied is not None:
+            log.warning("grpc.scope_missing", extra=denied)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+        yield  # type: ignore[unreachable]  # abort raises; the yield only makes this a generator
+
+    if handler.unary_stream is not None or handler.stream_stream is not None:
+        return _same_kind(handler, abort_stream)
+    return _same_kind(handler, abort)
+
+
+def _scope_missing(caller: str, method: str, scope: Scope) -> grpc.Status:
+    name = method.rpartition("/")[2]
+    return status_for(
+        PermissionDenied(
+            f"caller {caller!r} may not call {name}: it needs the {scope.value!r} scope",
+            reason="CALLER_SCOPE_MISSING",
+            metadata={"scope": scope.value},
+        )
+    )
+
+
+def _as_caller(handler: grpc.RpcMethodHandler[Any, Any], name: str) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler`, run with `current_caller()` = `name`. Streams pass through as they are: none needs the name yet."""
+    if handler.unary_unary is None:
+        return handler
+    inner = cast(Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]], handler.unary_unary)
+
+    async def as_caller(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        reset = _caller.set(name)
+        try:
+            return await inner(request, context)
+        finally:
+            _caller.reset(reset)
+
+    return _same_kind(handler, as_caller)
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """Everything one method needs per call, built at its first call: the handler it was built for, and the
+    handler to run for each caller (by the caller's position), with the unauthenticated one last."""
+
+    handler: grpc.RpcMethodHandler[Any, Any]
+    by_caller: tuple[grpc.RpcMethodHandler[Any, Any], ...]
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Accepts `authorization: Bearer <token>` for one of ENTITLEMENTS_API_TOKENS; health checks stay open."""
+    """`authorization: Bearer <token>` names a caller; the caller needs the scope of the method it calls.
 
-    def __init__(self, tokens: frozenset[str]) -> None:
-        self._tokens = tuple(token.encode() for token in tokens)
+    A missing or unknown token is UNAUTHENTICATED; a known one without the scope is PERMISSION_DENIED with
+    ErrorInfo CALLER_SCOPE_MISSING. Health checks stay open; reflection takes any valid caller. A unary handler
+    runs with `current_caller()` set to the caller's name. Per call: one metadata scan, one constant-time
+    comparison per configured token, one tuple index; the handlers themselves are built once per method.
+    """
+
+    def __init__(self, callers: Sequence[Caller]) -> None:
+        self._callers = tuple(callers)
+        self._tokens = tuple(caller.token for caller in self._callers)
+        self._routes: dict[str, _Route] = {}
+
+    @classmethod
+    def configured(cls, callers: str, api_tokens: Iterable[str]) -> tuple[AuthInterceptor, ...]:
+        """The interceptor for these settings, or none at all: without callers (development) auth is off, and an
+        interceptor would only cost time on every call. Raises ConfigurationError on a malformed entry."""
+        parsed = parse_callers(callers, api_tokens)
+        if not parsed:
+            return ()
+        log.info(
+            "grpc.auth_enabled",
+            extra={"callers": ",".join(sorted({caller.name for caller in parsed})), "tokens": len(parsed)},
+        )
+        return (cls(parsed),)
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or not self._tokens or handler_call_details.method.startswith(_PUBLIC_PREFIXES):
+        method = handler_call_details.method
+        if handler is None or method.startswith(_PUBLIC_PREFIXES):
             return handler
-        if self._authorized(handler_call_details.invocation_metadata or ()):
-            return handler
+        route = self._routes.get(method)
+        if route is None or route.handler is not handler:
+            route = self._route(method, handler)
+            self._routes[method] = route
+        # -1 (no valid token) picks the last handler: the unauthenticated one.
+        return route.by_caller[self._caller_index(handler_call_details.invocation_metadata or ())]
 
-        if handler.unary_stream is not None or handler.stream_stream is not None:
-            return _same_kind(handler, _deny_stream)
-        return _same_kind(handler, _deny)
+    def _route(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> _Route:
+        scope = required_scope(method)
+        named: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        by_caller = []
+        for caller in self._callers:
+            if caller.name not in named:
+                named[caller.name] = (
+                    _as_caller(handler, caller.name)
+                    if scope is None or scope in caller.scopes
+                    else _aborting(
+                        handler,
+                        _scope_missing(caller.name, method, scope),
+                        {"caller": caller.name, "method": method, "scope": scope.value},
+                    )
+                )
+            by_caller.append(named[caller.name])
+        by_caller.append(_aborting(handler, _UNAUTHENTICATED_STATUS))
+        return _Route(handler, tuple(by_caller))
 
-    def _authorized(self, metadata: Any) -> bool:
+    def _caller_index(self, metadata: Any) -> int:
+        """The position of the caller whose token the call presents; -1 for none."""
         for key, value in metadata:
             if key != "authorization" or not isinstance(value, str):
                 continue
             scheme, _, token = value.partition(" ")
             if scheme.lower() != "bearer" or not token:
-                return False
+                return -1
             presented = token.strip().encode()
-            # Compare against every token so timing does not reveal which prefix matched.
-            return any([hmac.compare_digest(presented, known) for known in self._tokens])  # noqa: C419
-        return False
+            found = -1
+            # Compare against every token, never stopping at a match, so timing does not tell which one matched.
+            for index, known in enumerate(self._tokens):
+                if hmac.compare_digest(presented, known):
+                    found = index
+            return found
+        return -1
 
 
 def status_for(error: DomainError) -> grpc.Status:
@@ -120,6 +323,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         inner = cast(Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]], handler.unary_unary)
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if request is _UNDECODABLE:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _UNDECODABLE_MESSAGE)
             try:
                 return await inner(request, context)
             except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -135,7 +340,30 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 log.exception("grpc.failed", extra={"method": method})
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
-        return _same_kind(handler, guarded)
+        return _same_kind(handler, guarded, request_deserializer=_tolerant(handler.request_deserializer))
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes are not the method's message."""
+
+
+_UNDECODABLE = _Undecodable()
+_UNDECODABLE_MESSAGE = "the request could not be decoded as this method's message"
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The method's deserializer, answering a stand-in instead of raising: grpc.aio turns a deserializer's
+    exception into UNKNOWN with the decoder's class name in the message; the guard answers INVALID_ARGUMENT."""
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:
+            return _UNDECODABLE
+
+    return decode
 
 
 assert code_pb2.OK == 0  # google.rpc codes equal grpc's numeric codes

@@ -12,6 +12,7 @@ from service.app.credit_service import CreditService
 from service.app.entitlement_reader import EntitlementReader
 from service.app.plan_changer import PlanChanger
 from service.grpc import conversion as convert
+from service.grpc.interceptors import current_caller
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -33,7 +34,8 @@ class EntitlementServicer(pb_grpc.EntitlementServiceServicer):
         return pb.GetSubscriptionResponse(subscription=convert.subscription(view))
 
     async def ChangePlan(self, request: pb.ChangePlanRequest, context: Context) -> pb.ChangePlanResponse:
-        result = await self.plans.change(convert.plan_change(request))
+        # Idempotency keys are scoped per caller: the name the auth interceptor authenticated this call as.
+        result = await self.plans.change(convert.plan_change(request, caller=current_caller()))
         return convert.plan_change_response(result)
 
     async def ConsumeCredits(self, request: pb.ConsumeCreditsRequest, context: Context) -> pb.ConsumeCreditsResponse:

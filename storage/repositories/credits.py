@@ -42,6 +42,16 @@ SELECT (SELECT count(*) FROM account), (SELECT max(created_at) FROM ledger),
        (SELECT count(*) FROM changed)
 """
 
+_SELECT_FOR_UPDATE = """
+SELECT b.customer_id, b.credit, b.balance, b.grants
+FROM credit_balances AS b
+JOIN unnest($1::text[], $2::text[]) AS k(customer_id, credit)
+  ON b.customer_id = k.customer_id AND b.credit = k.credit
+ORDER BY b.customer_id, b.credit
+FOR UPDATE OF b
+"""
+_SELECT_SKIP_LOCKED = _SELECT_FOR_UPDATE.replace("FOR UPDATE OF b", "FOR UPDATE OF b SKIP LOCKED")
+
 _ENTRY_COLUMNS = ", ".join(
     f"l.{name}"
     for name in (
@@ -77,14 +87,21 @@ class CreditRepository:
         """The account under a row lock held to the end of the transaction (created empty on first use)."""
         return (await self.lock_many([(customer_id, credit)]))[(customer_id, credit)]
 
-    async def lock_many(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Account]:
-        """Lock several accounts in one round trip, always in key order so concurrent lockers cannot deadlock."""
+    async def lock_many(
+        self, keys: Sequence[tuple[str, str]], *, skip_locked: bool = False
+    ) -> dict[tuple[str, str], Account]:
+        """Lock several accounts in one round trip, always in key order so concurrent lockers cannot deadlock.
+
+        With `skip_locked`, accounts another transaction holds right now are left out of the answer instead of
+        waited for: the caller decides what to do with them (ConsumeCredits moves them to a lane of their own, so
+        one stuck row cannot stall everyone else's batch)."""
         ordered = sorted(set(keys))
         customers = [k[0] for k in ordered]
         credits = [k[1] for k in ordered]
-        found = await self._select_for_update(customers, credits)
+        found = await self._select_for_update(customers, credits, skip_locked=skip_locked)
         missing = [k for k in ordered if k not in found]
         if missing:
+            # Rows that exist but are locked elsewhere conflict with a committed row here: DO NOTHING, no wait.
             await self.connection.execute(
                 """
                 INSERT INTO credit_balances (customer_id, credit)
@@ -93,21 +110,16 @@ class CreditRepository:
                 [k[0] for k in missing],
                 [k[1] for k in missing],
             )
-            found.update(await self._select_for_update([k[0] for k in missing], [k[1] for k in missing]))
+            found.update(
+                await self._select_for_update([k[0] for k in missing], [k[1] for k in missing], skip_locked=skip_locked)
+            )
         return found
 
-    async def _select_for_update(self, customers: list[str], credits: list[str]) -> dict[tuple[str, str], Account]:
+    async def _select_for_update(
+        self, customers: list[str], credits: list[str], *, skip_locked: bool
+    ) -> dict[tuple[str, str], Account]:
         rows = await self.connection.fetch(
-            """
-            SELECT b.customer_id, b.credit, b.balance, b.grants
-            FROM credit_balances AS b
-            JOIN unnest($1::text[], $2::text[]) AS k(customer_id, credit)
-              ON b.customer_id = k.customer_id AND b.credit = k.credit
-            ORDER BY b.customer_id, b.credit
-            FOR UPDATE OF b
-            """,
-            customers,
-            credits,
+            _SELECT_SKIP_LOCKED if skip_locked else _SELECT_FOR_UPDATE, customers, credits
         )
         return {(r["customer_id"], r["credit"]): _account(r) for r in rows}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from storage.engine import Connection
 
@@ -19,17 +18,21 @@ class InboxRepository:
         event_type: str,
         event_timestamp: datetime,
         business_id: str,
-        payload: dict[str, Any],
+        payload_json: str,
         status: str,
         subject_id: str | None,
     ) -> bool:
         """Store the delivery with its outcome; False when this webhook-id is already stored (the caller then rolls
-        back whatever it did: a concurrent twin waits on the unique index until the first commits or aborts)."""
+        back whatever it did: a concurrent twin waits on the unique index until the first commits or aborts).
+
+        `payload_json` is the body as received, JSON text that Postgres parses into the JSONB column: numbers keep
+        every digit (no float, no 64-bit integer in between) and nothing is serialized twice. Text Postgres refuses
+        (not JSON, NUL, a number beyond numeric) raises asyncpg.DataError."""
         inserted = await self.connection.fetchval(
             """
             INSERT INTO webhook_inbox
                 (webhook_id, event_type, event_timestamp, business_id, payload, status, subject_id, processed_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+            VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7, now())
             ON CONFLICT (webhook_id) DO NOTHING
             RETURNING id
             """,
@@ -37,7 +40,7 @@ class InboxRepository:
             event_type,
             event_timestamp,
             business_id,
-            payload,
+            payload_json,
             status,
             subject_id,
         )

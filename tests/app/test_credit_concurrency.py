@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from contextlib import AsyncExitStack
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any, TypeAlias
@@ -15,13 +16,19 @@ from entitlements.v1 import entitlements_pb2 as pb
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 from sqlalchemy import text
 
+from service.domain.catalog import Catalog
+from service.server import start
 from storage.engine import Database
 from tests.support import (
+    API_TOKEN,
     CUSTOMER_ID,
+    BearerToken,
+    FakeClock,
     WebhookPoster,
     credit_ledger_event,
     deliver,
     error_info,
+    make_settings,
     stored_account,
     subscription_event,
     utc,
@@ -225,3 +232,47 @@ async def test_consumption_concurrent_with_a_period_renewal_keeps_the_ledger_and
     assert (kinds.count("plan_grant"), kinds.count("grant_expiry"), kinds.count("consumption")) == (2, 1, 30)
     after_renewal = kinds[kinds.index("grant_expiry") :].count("consumption")
     assert balance == Decimal(10000 - 100 * after_renewal)
+
+
+@pytest.mark.parametrize(
+    ("credit", "succeed"), [("ai_tokens", 40), ("api_calls", 44)], ids=["no-overage", "overage-100"]
+)
+async def test_sixty_consumers_spread_over_three_replicas_never_overspend(
+    webhooks: WebhookPoster,
+    database_url: str,
+    clock: FakeClock,
+    catalog: Catalog,
+    db: Database,
+    credit: str,
+    succeed: int,
+) -> None:
+    """Each replica has its own writer: only the account's row lock stands between them and an overspend (one
+    process with one writer would serialize them anyway, and could not notice a missing lock)."""
+    await balance_of_exactly_1000(webhooks, credit)
+    async with AsyncExitStack() as stack:
+        stubs: list[Stub] = []
+        for _ in range(3):
+            running = await start(
+                make_settings(database_url), clock=clock, catalog=catalog, db=Database.from_url(database_url)
+            )
+            stack.push_async_callback(running.stop, 0)
+            channel = await stack.enter_async_context(
+                grpc.aio.insecure_channel(f"127.0.0.1:{running.grpc_port}", interceptors=[BearerToken(API_TOKEN)])
+            )
+            stubs.append(pb_grpc.EntitlementServiceStub(channel))
+        request = pb.ConsumeCreditsRequest
+        outcomes = await asyncio.gather(
+            *(
+                stubs[n % 3].ConsumeCredits(
+                    request(customer_id=CUSTOMER_ID, credit=credit, amount="25", idempotency_key=f"r{n}")
+                )
+                for n in range(60)
+            ),
+            return_exceptions=True,
+        )
+    ok = [o for o in outcomes if isinstance(o, pb.ConsumeCreditsResponse)]
+    refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert (len(ok), len(refused)) == (succeed, 60 - succeed), [e.details() for e in refused]
+    assert all(error_info(e).reason == "INSUFFICIENT_CREDITS" for e in refused)
+    assert sorted(Decimal(r.balance_after) for r in ok) == [Decimal(1000 - 25 * n) for n in range(succeed, 0, -1)]
+    await assert_consistent(db, credit)

@@ -23,6 +23,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from service.app.dodo_gateway import DodoGateway
 from service.domain.catalog import Catalog
 from service.domain.dodo_payloads import DodoSubscription
+from service.domain.plan_change_rules import fingerprint
+from service.grpc import conversion
+from service.grpc.interceptors import LEGACY_CALLER
 from service.logs import EventFormatter
 from service.server import start
 from storage.engine import Database
@@ -136,7 +139,7 @@ async def service_with_gateway(
         make_settings(database_url),
         clock=clock,
         catalog=catalog,
-        db=Database.from_url(database_url, pool_size=2),
+        db=Database.from_url(database_url, pool_size=4),
         dodo=gateway,
     )
     try:
@@ -789,3 +792,83 @@ async def test_an_accepted_change_unreadable_and_not_yet_stored_is_unavailable_a
     assert "same idempotency key" in (error.details() or "")
     assert retried.subscription.product_id == TEAM
     assert len(change_plan_requests(fake_dodo)) == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"subscription_id": 7, "status": ["active"]}, "<html><body>502 Bad Gateway</body></html>"],
+    ids=["json-that-is-not-a-subscription", "not-json"],
+)
+async def test_an_accepted_change_whose_read_back_is_unparseable_is_unavailable_and_a_retry_completes_it(
+    fake_dodo: FakeDodo, stub: Stub, body: object
+) -> None:
+    sub = fake_dodo.add_subscription()
+    customer_id = sub["customer"]["customer_id"]
+    fake_dodo.fail_after_change(GET, 200, body=body)  # the read right after the change answers 200 with garbage
+    request = change(sub["subscription_id"], TEAM, key="order-18")
+
+    error = await rpc_error(stub.ChangePlan(request))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE  # never INVALID_ARGUMENT: the caller's request was fine
+    assert "same idempotency key" in (error.details() or "")
+    assert fake_dodo.subscriptions[sub["subscription_id"]]["product_id"] == TEAM
+
+    retried = await stub.ChangePlan(request)
+
+    assert (retried.subscription.product_id, retried.replayed) == (TEAM, False)
+    assert len(change_plan_requests(fake_dodo)) == 1
+    sso = await stub.CheckAccess(pb.CheckAccessRequest(customer_id=customer_id, feature="sso"))
+    assert sso.allowed
+
+
+# ------------------------------------------------------------------------------------ a crashed process's record
+
+
+async def left_sending(db: Database, request: pb.ChangePlanRequest, *, lease: timedelta, attempts: int = 1) -> None:
+    """The record of a process that died after claiming the key (and, with attempts > 0, maybe sending the change):
+    status `sending`, a lease that runs out on its own."""
+    async with db.tx() as connection:
+        await connection.execute(
+            """
+            INSERT INTO plan_change_requests
+                (caller, idempotency_key, subscription_id, fingerprint, status, lease_until, attempts)
+            VALUES ($1, $2, $3, $4, 'sending', now() + $5::interval, $6)
+            """,
+            LEGACY_CALLER,  # the name of the test token's caller (ENTITLEMENTS_API_TOKENS)
+            request.idempotency_key,
+            request.subscription_id,
+            fingerprint(conversion.plan_change(request)),
+            lease,
+            attempts,
+        )
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["dodo-had-applied-it", "dodo-never-got-it"])
+async def test_a_change_left_sending_by_a_crashed_process_is_completed_by_a_retry_and_never_sent_twice(
+    fake_dodo: FakeDodo, stub: Stub, db: Database, applied: bool
+) -> None:
+    sub = fake_dodo.add_subscription()
+    request = change(sub["subscription_id"], TEAM, key="order-19")
+    if applied:
+        fake_dodo.set_subscription(sub["subscription_id"], product_id=TEAM, recurring_pre_tax_amount=9900)
+    await left_sending(db, request, lease=timedelta(seconds=-1))  # the lease ran out: the process is gone
+
+    retried = await stub.ChangePlan(request)
+
+    assert retried.subscription.product_id == TEAM
+    assert len(change_plan_requests(fake_dodo)) == (0 if applied else 1)
+    assert (await stub.ChangePlan(request)).replayed
+    assert len(change_plan_requests(fake_dodo)) == (0 if applied else 1)
+
+
+async def test_a_retry_while_the_keys_lease_is_live_is_unavailable_and_asks_dodo_nothing(
+    fake_dodo: FakeDodo, stub: Stub, db: Database
+) -> None:
+    sub = fake_dodo.add_subscription()
+    request = change(sub["subscription_id"], TEAM, key="order-20")
+    await left_sending(db, request, lease=timedelta(seconds=30))
+
+    error = await rpc_error(stub.ChangePlan(request))
+
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "in progress" in (error.details() or "")
+    assert fake_dodo.requests == []

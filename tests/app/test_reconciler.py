@@ -421,7 +421,7 @@ async def start_with_loop(database_url: str, clock: FakeClock, catalog: Catalog,
         loop_settings(database_url),
         clock=clock,
         catalog=catalog,
-        db=Database.from_url(database_url, pool_size=2),
+        db=Database.from_url(database_url, pool_size=4),
         dodo=DodoGateway(DODO_API_KEY, fake.base_url, timeout=1.0, read_max_retries=0),
     )
 

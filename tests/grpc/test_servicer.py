@@ -389,7 +389,7 @@ async def test_an_unexpected_failure_is_internal_not_unknown_and_says_nothing_of
     def broken_clock() -> datetime:
         raise RuntimeError("clock failure in /srv/entitlements/secret.py")
 
-    own_db = Database.from_url(database_url, pool_size=1)
+    own_db = Database.from_url(database_url, pool_size=4)
     async with second_service(make_settings(database_url), clock=broken_clock, catalog=catalog, db=own_db) as stub:
         error = await rpc_error(
             stub.CheckAccess(pb.CheckAccessRequest(customer_id=CUSTOMER_ID, feature="dashboard"), metadata=AUTH)
@@ -441,7 +441,7 @@ async def test_every_configured_token_is_accepted_so_tokens_can_be_rotated(
     database_url: str, clock: FakeClock, catalog: Catalog
 ) -> None:
     settings = make_settings(database_url, ENTITLEMENTS_API_TOKENS="old-token-7, new-token-8")
-    own_db = Database.from_url(database_url, pool_size=1)
+    own_db = Database.from_url(database_url, pool_size=4)
     async with second_service(settings, clock=clock, catalog=catalog, db=own_db) as stub:
         request = pb.CheckAccessRequest(customer_id=UNKNOWN_CUSTOMER, feature="dashboard")
         for token in ("old-token-7", "new-token-8"):
@@ -468,7 +468,7 @@ async def test_without_configured_tokens_calls_need_no_token(
     database_url: str, clock: FakeClock, catalog: Catalog
 ) -> None:
     settings = make_settings(database_url, ENTITLEMENTS_API_TOKENS="")
-    own_db = Database.from_url(database_url, pool_size=1)
+    own_db = Database.from_url(database_url, pool_size=4)
     async with second_service(settings, clock=clock, catalog=catalog, db=own_db) as stub:
         response = await stub.CheckAccess(pb.CheckAccessRequest(customer_id=UNKNOWN_CUSTOMER, feature="dashboard"))
     assert response.reason == pb.ACCESS_REASON_NO_SUBSCRIPTION

@@ -79,7 +79,7 @@ async def another_service(
 ) -> AsyncIterator[tuple[Running, WebhookPoster]]:
     """A second service process on its own ports, for configurations the `service` fixture does not have."""
     running = await start(
-        make_settings(database_url, **env), catalog=catalog, db=db or Database.from_url(database_url, pool_size=2)
+        make_settings(database_url, **env), catalog=catalog, db=db or Database.from_url(database_url, pool_size=4)
     )
     try:
         async with aiohttp.ClientSession() as session:

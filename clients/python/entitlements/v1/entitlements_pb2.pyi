@@ -41,6 +41,8 @@ class _AccessReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AccessRe
     ACCESS_REASON_FEATURE_NOT_IN_PLAN: _AccessReason.ValueType  # 6
     ACCESS_REASON_SUBSCRIPTION_INACTIVE: _AccessReason.ValueType  # 7
     ACCESS_REASON_CREDITS_EXHAUSTED: _AccessReason.ValueType  # 8
+    ACCESS_REASON_STORAGE_UNAVAILABLE: _AccessReason.ValueType  # 9
+    """Postgres is unreachable and the catalog says `on_outage = "deny"` for this feature or credit."""
 
 class AccessReason(_AccessReason, metaclass=_AccessReasonEnumTypeWrapper):
     """AccessReason says why access was granted or denied."""
@@ -56,6 +58,8 @@ ACCESS_REASON_NO_SUBSCRIPTION: AccessReason.ValueType  # 5
 ACCESS_REASON_FEATURE_NOT_IN_PLAN: AccessReason.ValueType  # 6
 ACCESS_REASON_SUBSCRIPTION_INACTIVE: AccessReason.ValueType  # 7
 ACCESS_REASON_CREDITS_EXHAUSTED: AccessReason.ValueType  # 8
+ACCESS_REASON_STORAGE_UNAVAILABLE: AccessReason.ValueType  # 9
+"""Postgres is unreachable and the catalog says `on_outage = "deny"` for this feature or credit."""
 Global___AccessReason: _TypeAlias = AccessReason  # noqa: Y015
 
 class _ProrationMode:
@@ -158,6 +162,7 @@ class CheckAccessResponse(_message.Message):
     LIMIT_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     reason: Global___AccessReason.ValueType
     status: _builtins.str
@@ -169,6 +174,10 @@ class CheckAccessResponse(_message.Message):
     balance: _builtins.str
     """For credit features: the balance as a decimal string."""
     kind: Global___FeatureKind.ValueType
+    stale: _builtins.bool
+    """True when Postgres was unreachable and the answer comes from the last-known state (at most
+    ENTITLEMENTS_STALE_GRACE_SECONDS old).
+    """
     @_builtins.property
     def access_ends_at(self) -> _timestamp_pb2.Timestamp:
         """Unset means open-ended."""
@@ -185,10 +194,11 @@ class CheckAccessResponse(_message.Message):
         limit: _builtins.int = ...,
         balance: _builtins.str = ...,
         kind: Global___FeatureKind.ValueType = ...,
+        stale: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["access_ends_at", b"access_ends_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_ends_at", b"access_ends_at", "allowed", b"allowed", "balance", b"balance", "kind", b"kind", "limit", b"limit", "product_id", b"product_id", "reason", b"reason", "status", b"status", "subscription_id", b"subscription_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_ends_at", b"access_ends_at", "allowed", b"allowed", "balance", b"balance", "kind", b"kind", "limit", b"limit", "product_id", b"product_id", "reason", b"reason", "stale", b"stale", "status", b"status", "subscription_id", b"subscription_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
