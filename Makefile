@@ -8,11 +8,22 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 NODE_DIR := clients/node
 BUF := $(NODE_DIR)/node_modules/.bin/buf
+# The TypeScript client (@entitlements/client): code generated into TS_GEN_DIR by `make ts-protos`, compiled into dist/.
+TS_DIR := clients/typescript
+TS_GEN_DIR := $(TS_DIR)/src/gen
+# What `buf breaking` compares the contract with, "the last released contract": the newest tag contract-v* reachable
+# from HEAD (releasing the contract is `git tag contract-vN`), or, before the first release, the commit that first
+# added the proto (so every change since it was published must be additive). Needs the history: no shallow clones.
+CONTRACT_BASE = $(or $(shell git describe --tags --abbrev=0 --match 'contract-v*' HEAD 2>/dev/null),$(shell git log --diff-filter=A --format=%H -- $(PROTO) 2>/dev/null | tail -n 1))
 PROTO := protos/entitlements/v1/entitlements.proto
 GEN_DIR := clients/python
+# The Python client package (dodo-entitlements-client: the generated stubs and entitlements_client).
+PY_CLIENT := clients/python
 
 export PYTHONDONTWRITEBYTECODE := 1
 
+
+.PHONY: stop-db
 .PHONY: help install system-deps node-deps protos lint migrate run serve test bench clean
 
 help:
@@ -29,8 +40,8 @@ $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml $(BIN)/activate
-	$(BIN)/pip install --quiet -e '.[dev]'
+$(VENV)/.installed: pyproject.toml $(PY_CLIENT)/pyproject.toml $(BIN)/activate
+	$(BIN)/pip install --quiet -e ./$(PY_CLIENT) -e '.[dev]'
 	@touch $@
 
 install: $(VENV)/.installed node-deps
@@ -39,12 +50,38 @@ system-deps:
 	@if ! command -v $(PYTHON) >/dev/null || ! command -v npm >/dev/null; then \
 	  apt-get update -qq && apt-get install -y -qq python3.11 python3.11-venv nodejs npm; fi
 
+# Node: clients/node holds the buf CLI and the example, which links clients/typescript (file:../typescript); the
+# TypeScript package is installed from its own lockfile and compiled by tsc (Node 20 runs JavaScript only).
 $(NODE_DIR)/node_modules/.installed: $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 	@command -v npm >/dev/null || $(MAKE) system-deps
 	cd $(NODE_DIR) && npm ci --silent --no-audit --no-fund
 	@touch $@
 
-node-deps: $(NODE_DIR)/node_modules/.installed
+$(TS_DIR)/node_modules/.installed: $(TS_DIR)/package.json $(TS_DIR)/package-lock.json
+	@command -v npm >/dev/null || $(MAKE) system-deps
+	cd $(TS_DIR) && npm ci --silent --no-audit --no-fund
+	@touch $@
+
+$(TS_DIR)/dist/.built: $(TS_DIR)/node_modules/.installed $(TS_DIR)/tsconfig.json $(shell find $(TS_DIR)/src $(TS_DIR)/test -name '*.ts' 2>/dev/null)
+	rm -rf $(TS_DIR)/dist
+	cd $(TS_DIR) && npm run --silent build
+	@touch $@
+
+node-deps: $(NODE_DIR)/node_modules/.installed $(TS_DIR)/dist/.built
+
+# The TypeScript messages and service descriptors (protoc-gen-es, see buf.gen.ts.yaml): committed like the Python
+# stubs, never edited by hand; tests/clients/test_typescript_generated_code.py runs this into a temp dir and diffs.
+.PHONY: ts-protos breaking
+ts-protos: $(NODE_DIR)/node_modules/.installed $(TS_DIR)/node_modules/.installed
+	rm -rf $(TS_GEN_DIR)
+	$(BUF) generate --template buf.gen.ts.yaml --output $(TS_GEN_DIR)
+
+# Only additive changes since the last released contract (CONTRACT_BASE above).
+breaking: $(NODE_DIR)/node_modules/.installed
+	@base='$(CONTRACT_BASE)'; \
+	if [ -z "$$base" ]; then echo "breaking: no baseline (no contract-v* tag, no history of $(PROTO))" >&2; exit 1; fi; \
+	echo "buf breaking --against .git#ref=$$base"; \
+	$(BUF) breaking --against ".git#ref=$$base"
 
 protos: $(VENV)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m grpc_tools.protoc -I protos \
@@ -53,6 +90,7 @@ protos: $(VENV)/.installed
 
 lint: install
 	$(BUF) lint
+	@$(MAKE) --no-print-directory breaking
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -81,3 +119,7 @@ bench: install
 
 clean:
 	rm -rf $(VENV) $(NODE_DIR)/node_modules .mypy_cache .ruff_cache .pytest_cache
+
+# The local Postgres `make run` started under .data/ (DATABASE_URL unset) keeps running between runs.
+stop-db:
+	@if [ -x $(PY) ]; then $(PY) -m service.dev.localdb stop; fi

@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from pydantic import ValidationError
+
 from service.domain.errors import ConfigurationError
 from service.logs import configure as configure_logging
 from service.settings import Settings
@@ -25,7 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(logging.INFO)
     try:
-        return _run(args, Settings())
+        settings = Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"entitlements: refusing to start: invalid configuration: {problems}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        return _run(args, settings)
     except ConfigurationError as exc:
         print(f"entitlements: refusing to start: {exc}", file=sys.stderr)
         return 2

@@ -18,25 +18,34 @@ from aiohttp import web
 from entitlements.v1 import entitlements_pb2 as pb
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace.export import SpanExporter
 
 from service.app.background import BackgroundTasks
 from service.app.change_feed import ChangeFeed
+from service.app.checkouts import Checkouts
 from service.app.credit_service import CreditService
+from service.app.customers import Customers
 from service.app.dodo_gateway import DodoGateway
 from service.app.entitlement_cache import EntitlementCache
 from service.app.entitlement_reader import EntitlementReader
+from service.app.metrics import CacheCollector, Metrics, PoolCollector
 from service.app.plan_changer import PlanChanger
+from service.app.plan_listing import PlanListing
+from service.app.portal_sessions import PortalSessions
 from service.app.readiness import Readiness
 from service.app.reconciler import RateLimiter, reconcile_forever
+from service.app.subscription_lifecycle import SubscriptionLifecycle
+from service.app.subscription_mutations import SubscriptionMutations
 from service.app.webhook_ingest import WebhookIngest
 from service.domain.catalog import Catalog, load_catalog
 from service.domain.clock import Clock, utc_now
 from service.domain.errors import ConfigurationError
+from service.grpc import reflection
 from service.grpc.interceptors import AuthInterceptor, ErrorInterceptor
-from service.grpc.servicer import EntitlementServicer
+from service.grpc.servicer import EntitlementServicer, UseCases
 from service.reconcile_cli import stale_policy
 from service.settings import Settings
+from service.telemetry import start_tracing
 from storage.engine import Database
 from storage.migrate import head_revision
 from webhooks.app import Lifecycle, create_app
@@ -81,6 +90,7 @@ async def start(
     catalog: Catalog | None = None,
     db: Database | None = None,
     dodo: DodoGateway | None = None,
+    span_exporter: SpanExporter | None = None,
 ) -> Running:
     catalog = catalog or load_catalog(settings.catalog_path)
     verifier = SignatureVerifier(settings.webhook_keys)
@@ -90,9 +100,19 @@ async def start(
             settings.require_database(), pool_size=settings.db_pool_size, lock_timeout_ms=settings.lock_timeout_ms
         )
         stack.push_async_callback(db.close)
+        metrics = Metrics()
+        metrics.watch(PoolCollector(db))
+        tracing = start_tracing(settings, exporter=span_exporter)
+        if tracing is not None:
+            stack.callback(tracing.close)
         dodo = dodo or DodoGateway(
-            settings.dodo_payments_api_key, settings.dodo_payments_base_url, settings.dodo_timeout_seconds
+            settings.dodo_payments_api_key,
+            settings.dodo_payments_base_url,
+            settings.dodo_timeout_seconds,
+            metrics=metrics,
         )
+        if dodo.metrics is None:
+            dodo.metrics = metrics
         stack.push_async_callback(dodo.close)
         tasks = BackgroundTasks()
         stack.push_async_callback(tasks.stop)
@@ -105,10 +125,12 @@ async def start(
             max_unknown=settings.cache_max_unknown,
             stale_grace=settings.stale_grace_seconds,
         )
+        metrics.watch(CacheCollector(cache.figures))
         cache.start(tasks)
         changes = ChangeFeed(db, cache)
         changes.start(tasks)
-        reader = EntitlementReader(db, catalog, clock, cache)
+        customers = Customers(db, cache, changes)
+        reader = EntitlementReader(db, catalog, clock, cache, customers)
         credit_service = CreditService(
             db,
             catalog,
@@ -117,9 +139,23 @@ async def start(
             changes,
             shards=settings.credit_writers,
             max_queued=settings.consume_queue_max,
+            metrics=metrics,
+            customers=customers,
         )
         credit_service.start(tasks)
-        plans = PlanChanger(db, catalog, clock, dodo, reader, changes)
+        mutations = SubscriptionMutations(db, catalog, clock, dodo, reader, changes)
+        listing = PlanListing(catalog, dodo, refresh_interval=settings.plan_prices_refresh_seconds)
+        listing.start(tasks)
+        use = UseCases(
+            reader=reader,
+            credits=credit_service,
+            plans=PlanChanger(catalog, mutations),
+            customers=customers,
+            checkouts=Checkouts(db, catalog, clock, dodo, cache, customers, customer_ref_key=settings.customer_ref_key),
+            portal=PortalSessions(db, dodo, customers),
+            lifecycle=SubscriptionLifecycle(mutations),
+            listing=listing,
+        )
         if settings.reconcile_interval_seconds > 0:
             loop = reconcile_forever(
                 interval=settings.reconcile_interval_seconds,
@@ -140,8 +176,11 @@ async def start(
                 db=db,
                 verifier=verifier,
                 lifecycle=lifecycle,
-                ingest=WebhookIngest(db, catalog, changes),
+                ingest=WebhookIngest(db, catalog, changes, metrics=metrics, customer_ref_key=settings.customer_ref_key),
                 readiness=readiness.problem,
+                observe=lambda kind, outcome: metrics.webhook_deliveries.labels(kind, outcome).inc(),
+                render_metrics=metrics.render,
+                middlewares=[tracing.aiohttp_middleware()] if tracing is not None else [],
             ),
             access_log=None,
         )
@@ -151,16 +190,17 @@ async def start(
 
         server = grpc.aio.server(
             # No auth interceptor without callers (development); malformed callers stop the start here.
-            interceptors=[*AuthInterceptor.configured(settings.callers_raw, settings.api_tokens), ErrorInterceptor()],
+            interceptors=[
+                *([tracing.grpc_interceptor()] if tracing is not None else []),
+                *AuthInterceptor.configured(settings.callers_raw, settings.api_tokens),
+                ErrorInterceptor(metrics),
+            ],
             options=[("grpc.so_reuseport", 0)],
         )
-        pb_grpc.add_EntitlementServiceServicer_to_server(EntitlementServicer(reader, credit_service, plans), server)
+        pb_grpc.add_EntitlementServiceServicer_to_server(EntitlementServicer(use), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server,
-        )
+        reflection.enable(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
         grpc_port = _listen_grpc(server, settings)
         await server.start()
         stack.push_async_callback(lambda: server.stop(grace[0]))

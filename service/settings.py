@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,6 +48,18 @@ class Settings(BaseSettings):
     reconcile_renewal_margin_hours: float = Field(6.0, alias="ENTITLEMENTS_RECONCILE_RENEWAL_MARGIN_HOURS", ge=0)
     reconcile_refresh_days: float = Field(7.0, alias="ENTITLEMENTS_RECONCILE_REFRESH_DAYS", gt=0)
     reconcile_recheck_minutes: float = Field(60.0, alias="ENTITLEMENTS_RECONCILE_RECHECK_MINUTES", ge=0)
+    customer_ref_key: str = Field("customer_ref", alias="ENTITLEMENTS_CUSTOMER_REF_KEY", min_length=1, max_length=40)
+    plan_prices_refresh_seconds: float = Field(300.0, alias="ENTITLEMENTS_PLAN_PRICES_REFRESH_SECONDS", gt=0)
+    log_format: Literal["text", "json"] = Field("text", alias="ENTITLEMENTS_LOG_FORMAT")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="ENTITLEMENTS_LOG_LEVEL")
+    # Traces go out over OTLP/gRPC when this is set (OpenTelemetry's own variables configure the rest).
+    otel_exporter_otlp_endpoint: str = Field("", alias="OTEL_EXPORTER_OTLP_ENDPOINT")
+    otel_service_name: str = Field("entitlements", alias="OTEL_SERVICE_NAME")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("database_url")
     @classmethod

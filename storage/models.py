@@ -6,7 +6,19 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, MetaData, Numeric, Text, func, text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    Text,
+    func,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -184,6 +196,39 @@ class PlanChangeRequest(Base):
     updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
 
 
+class CustomerRef(Base):
+    """The company's own id for a customer, linked to a Dodo customer by a checkout's metadata, a webhook's metadata
+    or LinkCustomer. A ref already linked moves only through LinkCustomer."""
+
+    __tablename__ = "customer_refs"
+
+    customer_ref: Mapped[str] = mapped_column(Text, primary_key=True)
+    customer_id: Mapped[str] = mapped_column(Text, index=True)
+    # checkout | webhook | link: what linked it last
+    linked_by: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class CheckoutSessionRecord(Base):
+    """One CreateCheckout idempotency key of one caller and the session Dodo opened for it (replayed on retry)."""
+
+    __tablename__ = "checkout_sessions"
+
+    caller: Mapped[str] = mapped_column(Text, primary_key=True, server_default="")
+    idempotency_key: Mapped[str] = mapped_column(Text, primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(Text)
+    # sending (an attempt holds the lease, or died holding it) | created
+    status: Mapped[str] = mapped_column(Text)
+    lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    session_id: Mapped[str | None] = mapped_column(Text)
+    checkout_url: Mapped[str | None] = mapped_column(Text)
+    expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    customer_ref: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
 class EntitlementChange(Base):
     """The change feed (see storage/repositories/changes.py). Unlogged: after a Postgres crash it is empty, but
     every replica's listener was cut too, and a cut listener clears its cache."""
@@ -193,6 +238,6 @@ class EntitlementChange(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     customer_id: Mapped[str] = mapped_column(Text)
-    # all | credits (see storage/repositories/changes.py)
+    # all | credits | ref (a customer_ref's link changed; customer_id holds the ref) (storage/repositories/changes.py)
     scope: Mapped[str] = mapped_column(Text, default="all", server_default="all")
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())

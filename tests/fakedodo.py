@@ -1,7 +1,8 @@
 """A fake Dodo Payments HTTP API for tests, driven through the real `dodopayments` SDK.
 
 It speaks the real paths, request bodies, response shapes and error bodies (`{"code", "message"}`) of the
-subscription endpoints the service uses (DESIGN §8), keeps its state in plain dicts that tests read and edit,
+endpoints the service uses (DESIGN §8): subscriptions (read, change-plan and its preview, PATCH), checkout
+sessions, customer-portal sessions and the product list. It keeps its state in plain dicts that tests read and edit,
 records every request it receives, and can be told to fail in the ways production will: error statuses, hangs
 longer than the client's timeout, added latency, "applied the change, then lost the answer", and "applied the
 change, then answered the read-back with garbage".
@@ -15,6 +16,7 @@ Usage::
 
 Prices are deterministic: `products` maps a product id to its price in minor units, `addon_prices` does the
 same for add-ons, and proration counts whole days left in the current period (see `FakeDodo.preview`).
+`GET /products` lists `products` as monthly USD recurring prices unless `product_overrides` says otherwise.
 """
 
 from __future__ import annotations
@@ -88,6 +90,34 @@ _DEFAULT_CODES = {
 }
 
 _INTERVAL_DAYS = {"Day": 1, "Week": 7, "Month": 30, "Year": 365}
+CANCEL_REASONS = frozenset(
+    {
+        "cancelled_by_customer",
+        "cancelled_by_merchant",
+        "cancelled_by_merchant_send_dunning",
+        "cancelled_by_merchant_grace_period_expired",
+        "dodo_team",
+    }
+)
+# The PATCH fields the fake models; any other is a 422 so a test never passes on a field the fake ignored.
+PATCH_FIELDS = frozenset(
+    {
+        "status",
+        "cancel_at_next_billing_date",
+        "cancel_reason",
+        "cancellation_comment",
+        "cancellation_feedback",
+        "metadata",
+        "customer_name",
+        "pause",
+    }
+)
+CHECKOUT_HOST = "https://test.checkout.dodopayments.com"
+PORTAL_HOST = "https://test.customer.dodopayments.com"
+MAX_CART_ITEMS = 20
+MAX_DISCOUNT_CODES = 20
+MAX_METADATA_KEYS = 50
+MAX_PAGE_SIZE = 100
 _JSON_BODY = web.RequestKey("json_body", object)
 
 
@@ -162,6 +192,12 @@ class FakeDodo:
     - `products`: product id → price per unit in minor units; a change-plan to a product not listed is a 422.
     - `addon_prices`: add-on id → price per unit in minor units; unknown add-ons are a 422.
     - `subscriptions`: subscription id → the Subscription JSON, exactly as `GET /subscriptions/{id}` sends it.
+    - `customers`: Dodo customer ids known besides those of `subscriptions` (`known_customers()` is both); the
+      portal and checkout 404 on any other.
+    - `checkout_sessions`: session id → `{"session_id", "checkout_url", "created_at", "request"}` (the body).
+    - `portal_sessions`: every portal session created, `{"customer_id", "link", "return_url", "send_email"}`.
+    - `product_overrides`: product id → fields merged over its generated `GET /products` item (e.g. a
+      `price_detail` of another type, or a `name`); `product_names` names them.
     - `requests`: every request received, in order, including unauthenticated and failed ones.
     - `latency`: seconds every request waits before being handled.
     - `hang_seconds`: how long `timeout_next` rules sleep; keep it above the client timeout.
@@ -182,6 +218,10 @@ class FakeDodo:
         self.addon_prices: dict[str, int] = dict(DEFAULT_ADDON_PRICES if addon_prices is None else addon_prices)
         self.addon_names: dict[str, str] = dict(DEFAULT_ADDON_NAMES)
         self.subscriptions: dict[str, dict[str, Any]] = {}
+        self.customers: set[str] = set()
+        self.checkout_sessions: dict[str, dict[str, Any]] = {}
+        self.portal_sessions: list[dict[str, Any]] = []
+        self.product_overrides: dict[str, dict[str, Any]] = {}
         self.requests: list[RecordedRequest] = []
         self.latency: float = 0.0
         self.hang_seconds: float = 5.0
@@ -302,6 +342,72 @@ class FakeDodo:
         )
         return sub
 
+    def known_customers(self) -> set[str]:
+        """`customers` and every subscription's customer."""
+        return self.customers | {s["customer"]["customer_id"] for s in self.subscriptions.values()}
+
+    def product_item(self, product_id: str) -> dict[str, Any]:
+        """The `GET /products` list item for a product: a monthly recurring USD price unless overridden."""
+        price = self.products[product_id]
+        item: dict[str, Any] = {
+            "business_id": "bus_7Hc2Jk9Lm4Np1Qr6St",
+            "created_at": "2026-01-05T09:30:00Z",
+            "entitlements": [],
+            "is_recurring": True,
+            "metadata": {},
+            "product_id": product_id,
+            "tax_category": "saas",
+            "updated_at": "2026-01-05T09:30:00Z",
+            "currency": "USD",
+            "description": None,
+            "image": None,
+            "name": self.product_names.get(product_id),
+            "price": price,
+            "price_detail": {
+                "type": "recurring_price",
+                "currency": "USD",
+                "price": price,
+                "discount": 0,
+                "payment_frequency_count": 1,
+                "payment_frequency_interval": "Month",
+                "subscription_period_count": 20,
+                "subscription_period_interval": "Year",
+                "purchasing_power_parity": False,
+                "tax_inclusive": False,
+                "trial_period_days": 0,
+            },
+            "pricing_mode": None,
+            "tax_inclusive": False,
+        }
+        item.update(copy.deepcopy(self.product_overrides.get(product_id, {})))
+        return item
+
+    def complete_checkout(self, session_id: str, **overrides: Any) -> dict[str, Any]:
+        """Play the buyer paying a checkout session: a subscription for its first product (quantity, add-ons,
+        trial, metadata and customer from the session) is stored and returned. `overrides` as for
+        `add_subscription`."""
+        body = self.checkout_sessions[session_id]["request"]
+        line = body["product_cart"][0]
+        customer = body.get("customer") or {"email": "buyer@example.com"}
+        customer_id = customer.get("customer_id") or _new_id("cus")
+        self.customers.add(customer_id)
+        fields: dict[str, Any] = {
+            "product_id": line["product_id"],
+            "quantity": line["quantity"],
+            "addons": [{"addon_id": a["addon_id"], "quantity": a["quantity"]} for a in line.get("addons") or []],
+            "metadata": dict(body.get("metadata") or {}),
+            "customer": {
+                "customer_id": customer_id,
+                "email": customer.get("email", "ada@example.com"),
+                "name": customer.get("name", "Ada Lovelace"),
+                "phone_number": None,
+                "metadata": {},
+            },
+            "trial_period_days": (body.get("subscription_data") or {}).get("trial_period_days") or 0,
+        }
+        fields.update(overrides)
+        return self.add_subscription(**fields)
+
     def requests_matching(self, spec: str) -> list[RecordedRequest]:
         """Recorded requests matching a spec in the same syntax as `fail_next`."""
         probe = _parse_spec(spec, times=1)
@@ -359,8 +465,8 @@ class FakeDodo:
     def fail_after_change(
         self, spec: str = "GET /subscriptions/*", status: int = 200, *, times: int = 1, body: Any = None
     ) -> None:
-        """Like `fail_next`, armed only once a change-plan has been applied: the read-back right after a change
-        (by default, a 200 whose `body` is not a subscription) goes wrong, the reads before it do not."""
+        """Like `fail_next`, armed only once a change-plan or a PATCH has been applied: the read-back right after
+        a change (by default, a 200 whose `body` is not a subscription) goes wrong, the reads before it do not."""
         rule = _parse_spec(spec, times=times)
         rule.status, rule.body = status, body
         self._after_change.append(rule)
@@ -394,8 +500,12 @@ class FakeDodo:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
         app.router.add_get("/subscriptions/{subscription_id}", self._get_subscription)
+        app.router.add_patch("/subscriptions/{subscription_id}", self._update_subscription)
         app.router.add_post("/subscriptions/{subscription_id}/change-plan", self._change_plan)
         app.router.add_post("/subscriptions/{subscription_id}/change-plan/preview", self._preview_change_plan)
+        app.router.add_post("/checkouts", self._create_checkout)
+        app.router.add_post("/customers/{customer_id}/customer-portal/session", self._create_portal_session)
+        app.router.add_get("/products", self._list_products)
         return app
 
     @web.middleware
@@ -474,6 +584,181 @@ class FakeDodo:
         sub = self._subscription_or_404(request)
         body = self._validate_change(sub, request[_JSON_BODY])
         return web.json_response(self.preview(sub, body))
+
+    async def _update_subscription(self, request: web.Request) -> web.StreamResponse:
+        sub = self._subscription_or_404(request)
+        body = request[_JSON_BODY]
+        if not isinstance(body, dict):
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "Expected a JSON object body")
+        changed = self._patched(sub, body)
+        sub.clear()
+        sub.update(changed)
+        self._failures.extend(self._after_change)
+        self._after_change.clear()
+        return web.json_response(sub)
+
+    async def _create_checkout(self, request: web.Request) -> web.StreamResponse:
+        body = self._validate_checkout(request[_JSON_BODY])
+        session_id = _new_id("cks")
+        checkout_url = f"{CHECKOUT_HOST}/session/{session_id}"
+        self.checkout_sessions[session_id] = {
+            "session_id": session_id,
+            "checkout_url": checkout_url,
+            "created_at": _iso(self.now()),
+            "request": copy.deepcopy(body),
+        }
+        return web.json_response(
+            {
+                "session_id": session_id,
+                "checkout_url": checkout_url,
+                "client_secret": None,
+                "payment_id": None,
+                "publishable_key": None,
+            }
+        )
+
+    async def _create_portal_session(self, request: web.Request) -> web.StreamResponse:
+        customer_id = request.match_info["customer_id"]
+        if request[_JSON_BODY] is not None:
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "This endpoint takes no body, only query parameters")
+        send_email = request.query.get("send_email")
+        if send_email not in (None, "true", "false"):
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "send_email must be true or false")
+        if customer_id not in self.known_customers():
+            raise FakeDodoError(404, "NOT_FOUND", f"Customer {customer_id} not found")
+        link = f"{PORTAL_HOST}/session/{secrets.token_urlsafe(16)}"
+        self.portal_sessions.append(
+            {
+                "customer_id": customer_id,
+                "link": link,
+                "return_url": request.query.get("return_url"),
+                "send_email": send_email == "true",
+            }
+        )
+        return web.json_response({"link": link})
+
+    async def _list_products(self, request: web.Request) -> web.StreamResponse:
+        try:
+            page_number = int(request.query.get("page_number", "0"))
+            page_size = int(request.query.get("page_size", "10"))
+        except ValueError:
+            raise FakeDodoError(422, "INVALID_QUERY", "page_number and page_size must be integers") from None
+        if page_number < 0 or not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise FakeDodoError(422, "INVALID_QUERY", f"page_size must be 1 to {MAX_PAGE_SIZE}, page_number >= 0")
+        ids = list(self.products)
+        start = page_number * page_size
+        return web.json_response({"items": [self.product_item(pid) for pid in ids[start : start + page_size]]})
+
+    # ------------------------------------------------------------------ PATCH and checkout semantics
+
+    def _patched(self, sub: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+        """The subscription as it stands after this PATCH (a new dict), or a FakeDodoError as Dodo would answer."""
+        unknown = sorted(body.keys() - PATCH_FIELDS)
+        if unknown:
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", f"the fake does not model PATCH fields {unknown}")
+        if "pause" in body:
+            raise FakeDodoError(
+                422, "INVALID_REQUEST_BODY", "`pause` is removed: send status paused to pause, active to resume"
+            )
+        status = body.get("status")
+        if status in ("paused", "active") and len(body) > 1:
+            raise FakeDodoError(
+                422, "INVALID_REQUEST_BODY", f"status {status} must be sent alone, without other fields"
+            )
+        reason = body.get("cancel_reason")
+        if reason is not None and reason not in CANCEL_REASONS:
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", f"unknown cancel_reason {reason!r}")
+        new = copy.deepcopy(sub)
+        now = _iso(self.now())
+        api_key_actor = {"actor_type": "api_key", "email": None, "name": None}
+        for name in ("cancellation_comment", "cancellation_feedback", "metadata"):
+            if name in body:
+                new[name] = copy.deepcopy(body[name])
+        if "customer_name" in body:
+            new["customer"]["name"] = body["customer_name"]
+        if status == "cancelled":
+            if sub["status"] in ("cancelled", "expired", "failed"):
+                raise FakeDodoError(422, "INVALID_STATUS_TRANSITION", f"Subscription is already {sub['status']}")
+            new.update(status="cancelled", cancelled_at=now, cancelled_by=api_key_actor, paused_at=None)
+        elif status == "paused":
+            if sub["status"] != "active":
+                raise FakeDodoError(
+                    422, "INVALID_STATUS_TRANSITION", f"Subscription is {sub['status']}: only active ones pause"
+                )
+            new.update(status="paused", paused_at=now)
+        elif status == "active":
+            unpaid_pause = sub["status"] == "on_hold" and sub.get("paused_at") is not None
+            if sub["status"] != "paused" and not unpaid_pause:
+                raise FakeDodoError(
+                    422, "INVALID_STATUS_TRANSITION", f"Subscription is {sub['status']}: only paused ones resume"
+                )
+            new.update(status="active", paused_at=None)
+        elif status is not None:
+            raise FakeDodoError(422, "INVALID_STATUS_TRANSITION", f"status cannot be set to {status!r}")
+        flag = body.get("cancel_at_next_billing_date")
+        if flag is not None:
+            if not isinstance(flag, bool):
+                raise FakeDodoError(422, "INVALID_REQUEST_BODY", "cancel_at_next_billing_date must be a boolean")
+            if status is None and sub["status"] not in ("active", "past_due", "on_hold"):
+                raise FakeDodoError(
+                    422, "INVALID_STATUS_TRANSITION", f"Subscription is {sub['status']}: nothing to cancel"
+                )
+            new["cancel_at_next_billing_date"] = flag
+            if status is None:
+                new["cancelled_by"] = api_key_actor if flag else None
+        return new
+
+    def _validate_checkout(self, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "Expected a JSON object body")
+        cart = body.get("product_cart")
+        if not isinstance(cart, list):
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "missing field `product_cart`")
+        if not cart and not body.get("product_collection_id"):
+            raise FakeDodoError(422, "PRODUCT_CART_EMTPY", "The product cart is empty")
+        if len(cart) > MAX_CART_ITEMS:
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", f"product_cart holds at most {MAX_CART_ITEMS} items")
+        for line in cart:
+            if not isinstance(line, dict) or not {"product_id", "quantity"} <= line.keys():
+                raise FakeDodoError(422, "INVALID_REQUEST_BODY", "product_cart[] needs product_id and quantity")
+            quantity = line["quantity"]
+            if not isinstance(quantity, int) or isinstance(quantity, bool) or quantity < 1:
+                raise FakeDodoError(422, "INVALID_REQUEST_BODY", "quantity must be at least 1")
+            if line["product_id"] not in self.products:
+                raise FakeDodoError(422, "PRODUCT_NOT_FOUND", f"Product {line['product_id']} does not exist")
+            addons = line.get("addons")
+            if addons is not None:
+                if not isinstance(addons, list):
+                    raise FakeDodoError(422, "INVALID_REQUEST_BODY", "addons must be a list")
+                for addon in addons:
+                    if not isinstance(addon, dict) or not {"addon_id", "quantity"} <= addon.keys():
+                        raise FakeDodoError(422, "INVALID_REQUEST_BODY", "addons[] needs addon_id and quantity")
+                    if addon["addon_id"] not in self.addon_prices:
+                        raise FakeDodoError(422, "ADDON_NOT_FOUND", f"Addon {addon['addon_id']} does not exist")
+        customer = body.get("customer")
+        if customer is not None:
+            if not isinstance(customer, dict):
+                raise FakeDodoError(422, "INVALID_REQUEST_BODY", "customer must be an object")
+            if "customer_id" in customer:
+                if customer["customer_id"] not in self.known_customers():
+                    raise FakeDodoError(404, "NOT_FOUND", f"Customer {customer['customer_id']} not found")
+            elif not isinstance(customer.get("email"), str) or not customer["email"]:
+                raise FakeDodoError(422, "INVALID_REQUEST_BODY", "customer needs customer_id or email")
+        if "discount_code" in body and "discount_codes" in body:
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "discount_code and discount_codes cannot be combined")
+        codes = body.get("discount_codes")
+        if codes is not None and (not isinstance(codes, list) or len(codes) > MAX_DISCOUNT_CODES):
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", f"discount_codes holds at most {MAX_DISCOUNT_CODES}")
+        trial = (body.get("subscription_data") or {}).get("trial_period_days")
+        if trial is not None and (not isinstance(trial, int) or isinstance(trial, bool) or not 0 <= trial <= 10000):
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "trial_period_days must be 0 to 10000")
+        metadata = body.get("metadata")
+        if metadata is not None:
+            if not isinstance(metadata, dict):
+                raise FakeDodoError(422, "INVALID_REQUEST_BODY", "metadata must be an object")
+            if len(metadata) > MAX_METADATA_KEYS:
+                raise FakeDodoError(422, "MAXIMUM_KEYS_REACHED", f"metadata holds at most {MAX_METADATA_KEYS} keys")
+        return body
 
     # ------------------------------------------------------------------ change-plan semantics
 

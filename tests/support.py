@@ -127,7 +127,7 @@ def ensure_node_modules() -> Path:
     import subprocess
 
     installed = NODE_DIR / "node_modules"
-    wanted = (installed / "@grpc" / "grpc-js", installed / "@grpc" / "proto-loader", installed / ".bin" / "buf")
+    wanted = (installed / "@entitlements" / "client", installed / ".bin" / "buf")
     if not all(path.exists() for path in wanted):
         npm = shutil.which("npm")
         if npm is None:

@@ -327,3 +327,22 @@ async def test_kill_9_mid_burst_loses_no_acknowledged_consumption(database_url: 
     missing = {key for key, entry in acknowledged.items() if stored.get(key) != entry}
     assert missing == set(), f"{len(missing)} acknowledged consumptions lost"
     assert balance == ledger_sum == 10_000 - len(rows)
+
+
+@pytest.mark.usefixtures("db")
+def test_serve_with_its_port_taken_says_so_in_one_line_and_exits(database_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_service("serve", service_env(database_url, ENTITLEMENTS_HTTP_ADDR=f"127.0.0.1:{port}"))
+    assert result.returncode == 2
+    assert f"cannot listen for HTTP on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_with_a_malformed_setting_names_it_without_a_traceback(database_url: str) -> None:
+    result = run_service("serve", service_env(database_url, ENTITLEMENTS_DB_POOL_SIZE="2"))
+    assert result.returncode == 2
+    assert "ENTITLEMENTS_DB_POOL_SIZE" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 from aiohttp import web
@@ -21,6 +22,8 @@ from webhooks.verify import InvalidSignature, SignatureVerifier
 log = logging.getLogger("entitlements.webhooks")
 
 MAX_BODY_BYTES = 1024 * 1024
+# Prometheus' text exposition format (prometheus_client's CONTENT_TYPE_LATEST).
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @dataclass
@@ -39,6 +42,11 @@ INGEST: web.AppKey[Ingest] = web.AppKey("ingest")
 ReadinessCheck = Callable[[], Awaitable[str | None]]
 READINESS: web.AppKey[ReadinessCheck] = web.AppKey("readiness")
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+# (event type, outcome) of every delivery, 4xx/5xx included: the webhook metrics (service/app/metrics.py).
+Observe = Callable[[str, str], None]
+OBSERVE: web.AppKey[Observe] = web.AppKey("observe")
+# The Prometheus text of the running service.
+RENDER_METRICS: web.AppKey[Callable[[], bytes]] = web.AppKey("render_metrics")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -65,21 +73,27 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 async def receive_dodo(request: web.Request) -> web.Response:
+    observe = request.app[OBSERVE]
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        observe("", "too_large")
         return _error(413, f"body over {MAX_BODY_BYTES} bytes")
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
+        observe("", "too_large")
         return _error(413, f"body over {MAX_BODY_BYTES} bytes")
     headers = {name.lower(): value for name, value in request.headers.items()}
     try:
         signed_at = request.app[VERIFIER].verify(body, headers)
     except InvalidSignature as exc:
         log.warning("webhook.rejected", extra={"why": str(exc), "webhook_id": headers.get("webhook-id")})
+        observe("", "rejected")
         return _error(401, "invalid webhook signature")
     webhook_id = headers["webhook-id"]
+    event_type = ""
     try:
         event = parse_event(body, webhook_id, signed_at)
+        event_type = event.type
         if event.untrusted_timestamp is not None:
             _log_untrusted_time(event, event.untrusted_timestamp, signed_at)
         outcome = await request.app[INGEST](event)
@@ -87,9 +101,15 @@ async def receive_dodo(request: web.Request) -> web.Response:
         # Any 400 (MalformedPayload, or a field check the readers did not translate): a retry of a delivery we
         # already stored is acknowledged, whatever a stricter reader thinks of it now.
         if await _already_stored(request.app[DB], webhook_id):
+            observe(event_type, Outcome.DUPLICATE.value)
             return web.json_response({"status": Outcome.DUPLICATE.value})
         log.warning("webhook.malformed", extra={"why": exc.message, "webhook_id": webhook_id[:MAX_ID]})
+        observe(event_type, "malformed")
         return _error(400, exc.message)
+    except Exception:
+        observe(event_type, "failed")
+        raise
+    observe(event_type, outcome.value)
     return web.json_response({"status": outcome.value})
 
 
@@ -133,6 +153,18 @@ async def _always_ready() -> str | None:
     return None
 
 
+def _unobserved(event_type: str, outcome: str) -> None:
+    return None
+
+
+def _no_metrics() -> bytes:
+    return b""
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[RENDER_METRICS](), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
 def create_app(
     *,
     db: Database,
@@ -140,14 +172,20 @@ def create_app(
     lifecycle: Lifecycle | None = None,
     ingest: Ingest,
     readiness: ReadinessCheck = _always_ready,
+    observe: Observe = _unobserved,
+    render_metrics: Callable[[], bytes] = _no_metrics,
+    middlewares: Sequence[Any] = (),
 ) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_middleware])
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[*middlewares, errors_middleware])
     app[DB] = db
     app[VERIFIER] = verifier
     app[INGEST] = ingest
     app[READINESS] = readiness
+    app[OBSERVE] = observe
+    app[RENDER_METRICS] = render_metrics
     app[LIFECYCLE] = lifecycle or Lifecycle()
     app.router.add_post("/webhooks/dodo", receive_dodo)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     return app

@@ -1,52 +1,62 @@
 #!/usr/bin/env node
-// node check_access.js HOST:PORT CUSTOMER_ID FEATURE  — calls entitlements.v1 CheckAccess and prints JSON.
-// The token, if the server wants one, comes from ENTITLEMENTS_API_TOKENS (the first one).
+// node check_access.js HOST:PORT CUSTOMER_ID FEATURE [FEATURE ...]
+// Calls entitlements.v1 CheckAccess once per feature and prints one JSON line per answer (proto field names).
+// All calls go through one client, hence one HTTP/2 connection: create the client once per process and reuse it.
+// The token comes from ENTITLEMENTS_TOKEN, else the first of ENTITLEMENTS_API_TOKENS (the server's own variable).
 'use strict';
-const path = require('path');
-const grpc = require('@grpc/grpc-js');
-const protoLoader = require('@grpc/proto-loader');
+const { CheckAccessResponseSchema, EntitlementsError, createEntitlementsClient, toJson } = require('@entitlements/client');
 
-const PROTOS = path.resolve(__dirname, '..', '..', 'protos');
+const USAGE = 'usage: node check_access.js HOST:PORT CUSTOMER_ID FEATURE [FEATURE ...]';
 
-function loadService() {
-  const definition = protoLoader.loadSync(path.join(PROTOS, 'entitlements/v1/entitlements.proto'), {
-    includeDirs: [PROTOS],
-    keepCase: true,
-    longs: String,
-    enums: String,
-    defaults: true,
-    oneofs: true,
-  });
-  return grpc.loadPackageDefinition(definition).entitlements.v1.EntitlementService;
+function tokenFrom(env) {
+  if (env.ENTITLEMENTS_TOKEN) return env.ENTITLEMENTS_TOKEN;
+  return (env.ENTITLEMENTS_API_TOKENS || '').split(',').map((t) => t.trim()).filter(Boolean)[0];
 }
 
-function checkAccess(target, customerId, feature, token) {
-  const Service = loadService();
-  const client = new Service(target, grpc.credentials.createInsecure());
-  const metadata = new grpc.Metadata();
-  if (token) metadata.add('authorization', `Bearer ${token}`);
-  return new Promise((resolve, reject) => {
-    client.CheckAccess({ customer_id: customerId, feature }, metadata, { deadline: Date.now() + 5000 }, (err, res) => {
-      client.close();
-      if (err) reject(err);
-      else resolve(res);
-    });
-  });
+/** CheckAccess for each feature over one client; resolves to the answers as proto3 JSON objects. */
+async function checkAccess(client, customerId, features) {
+  const answers = [];
+  for (const feature of features) {
+    const decision = await client.checkAccess({ customerId, feature });
+    answers.push(toJson(CheckAccessResponseSchema, decision, { useProtoFieldName: true, alwaysEmitImplicit: true }));
+  }
+  return answers;
 }
 
-module.exports = { checkAccess, loadService };
+function describeError(error) {
+  const failure = EntitlementsError.from(error);
+  return {
+    code: failure.code,
+    code_name: failure.codeName,
+    reason: failure.reason ?? null,
+    metadata: failure.metadata,
+    message: failure.rawMessage,
+  };
+}
+
+async function main(argv, env) {
+  const [target, customerId, ...features] = argv;
+  if (!target || !customerId || features.length === 0) {
+    console.error(USAGE);
+    return 2;
+  }
+  let client;
+  try {
+    client = createEntitlementsClient({ target, token: tokenFrom(env) });
+    for (const answer of await checkAccess(client, customerId, features)) console.log(JSON.stringify(answer));
+    return 0;
+  } catch (error) {
+    console.error(JSON.stringify(describeError(error)));
+    return 1;
+  } finally {
+    client?.close();
+  }
+}
+
+module.exports = { checkAccess, main };
 
 if (require.main === module) {
-  const [target, customerId, feature] = process.argv.slice(2);
-  if (!target || !customerId || !feature) {
-    console.error('usage: node check_access.js HOST:PORT CUSTOMER_ID FEATURE');
-    process.exit(2);
-  }
-  const token = (process.env.ENTITLEMENTS_API_TOKENS || '').split(',').map((t) => t.trim()).filter(Boolean)[0];
-  checkAccess(target, customerId, feature, token)
-    .then((res) => console.log(JSON.stringify(res)))
-    .catch((err) => {
-      console.error(JSON.stringify({ code: err.code, details: err.details }));
-      process.exit(1);
-    });
+  main(process.argv.slice(2), process.env).then((code) => {
+    process.exitCode = code;
+  });
 }

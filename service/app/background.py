@@ -16,9 +16,15 @@ class BackgroundTasks:
         self._tasks: list[asyncio.Task[None]] = []
 
     def spawn(self, name: str, work: Coroutine[Any, Any, None]) -> None:
+        _ = self.handle(name, work)
+
+    def handle(self, name: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """`spawn`, keeping the task: for work a caller may also wait for (still stopped with the rest)."""
         task = asyncio.create_task(work, name=name)
         task.add_done_callback(_report_crash)
+        self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(task)
+        return task
 
     @property
     def running(self) -> dict[str, asyncio.Task[None]]:

@@ -38,6 +38,14 @@ class ChangeFeed:
         if customer_ids:
             self._wake.set()
 
+    def refs_changed(self, *customer_refs: str) -> None:
+        """A link of these refs committed: forget their resolution here at once, and have the notices sent."""
+        if self.cache is not None:
+            for customer_ref in customer_refs:
+                self.cache.invalidate_ref(customer_ref)
+        if customer_refs:
+            self._wake.set()
+
     def start(self, tasks: BackgroundTasks) -> None:
         tasks.spawn("entitlement-change-publisher", self._run())
 

@@ -14,14 +14,16 @@ import logging
 import zlib
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
 import asyncpg
 
 from service.app.background import BackgroundTasks
 from service.app.change_feed import ChangeFeed
+from service.app.customers import Customers, named_customer
 from service.app.entitlement_cache import EntitlementCache
+from service.app.metrics import Metrics
 from service.domain import access_rules as access
 from service.domain import credit_rules as credits
 from service.domain import decimals, limits
@@ -57,6 +59,8 @@ class ConsumeRequest:
     idempotency_key: str
     description: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
+    # Instead of customer_id: the company's own id for the customer (resolved before anything else).
+    customer_ref: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +144,8 @@ class CreditService:
         shards: int = 1,
         max_batch: int = 256,
         max_queued: int = 1024,
+        metrics: Metrics | None = None,
+        customers: Customers | None = None,
     ) -> None:
         self.db = db
         self.catalog = catalog
@@ -148,6 +154,8 @@ class CreditService:
         self.changes = changes or ChangeFeed(db, cache)
         self.max_batch = max_batch
         self.max_queued = max_queued
+        self.metrics = metrics
+        self.customers = customers or Customers(db, cache, self.changes)
         self._shards = [_Lane() for _ in range(shards)]
         self._contended = _Lane()
         # Accounts with requests in the contended lane: newer requests for them queue behind, in order.
@@ -166,7 +174,7 @@ class CreditService:
         return sum(len(lane.queue) for lane in self._shards) + len(self._contended.queue)
 
     async def consume(self, request: ConsumeRequest) -> ConsumeResult:
-        limits.check_id("customer_id", request.customer_id)
+        named_customer(request.customer_id, request.customer_ref)
         self._credit_key(request.credit)
         amount = decimals.parse_amount(request.amount)
         limits.check_id("idempotency_key", request.idempotency_key)
@@ -174,6 +182,14 @@ class CreditService:
         limits.check_metadata("metadata", request.metadata)
         if self.queued >= self.max_queued:
             raise ConsumeQueueFull(self.max_queued)
+        if request.customer_ref:
+            resolved = await self.customers.resolve("", request.customer_ref)
+            if resolved is None:
+                raise CreditAccessDenied(
+                    f"customer has no access to credit {request.credit!r} (no_subscription)",
+                    reason=AccessReason.NO_SUBSCRIPTION.code,
+                )
+            request = replace(request, customer_id=resolved, customer_ref="")
         customer = await self.cache.get(request.customer_id, balances=False)
         now = self.clock()
         decision = access.feature_access(customer.subscriptions, self.catalog, request.credit, now)
@@ -221,6 +237,8 @@ class CreditService:
                     # Callers that have gone (deadline, cancel) are not executed at all.
                     live = [p for p in taken if not p.future.done()]
                     if not contended:
+                        if self.metrics is not None and live:
+                            self.metrics.credit_batch_size.observe(len(live))
                         await self._commit(live, wait_for_locks=False)
                         continue
                     # One account per transaction here: a lock that times out fails only that account's requests.
@@ -361,16 +379,45 @@ class CreditService:
         seen[pending.idempotency] = entry
         return _Spent(entry, ConsumeResult(entry.entry_id, balance, replayed=False))
 
-    async def ledger(self, customer_id: str, credit: str, page_size: int, page_token: str) -> LedgerPage:
-        limits.check_id("customer_id", customer_id)
+    async def ledger(
+        self, customer_id: str, credit: str, page_size: int, page_token: str, customer_ref: str = ""
+    ) -> LedgerPage:
+        named_customer(customer_id, customer_ref)
         self._credit_key(credit)
         size = limits.page_size(page_size)
         before = _decode_token(page_token) if page_token else None
+        customer_id = await self.customers.resolve(customer_id, customer_ref) or ""
+        if not customer_id:  # an unlinked ref: a customer with no ledger yet
+            return LedgerPage([], "")
+        if before is None:
+            await self._write_down_expiries(customer_id, credit)
         async with self.db.connection() as connection:
             rows = await CreditRepository(connection).page(customer_id, credit, before_id=before, limit=size + 1)
         more = len(rows) > size
         rows = rows[:size]
         return LedgerPage([row.entry for row in rows], _encode_token(rows[-1]) if more else "")
+
+    async def _write_down_expiries(self, customer_id: str, credit: str) -> None:
+        """Before the first page of a ledger: write down grants whose expiry has passed, so the ledger a caller
+        reads ends at the balance a caller reads (balances already leave expired grants out; until something
+        consumed from the account, its ledger did not say so)."""
+        now = self.clock()
+        async with self.db.connection() as connection:
+            account = (await CreditRepository(connection).accounts(customer_id)).get(credit)
+        if account is None or not credits.has_expired_grants(account, now):
+            return
+        try:
+            async with self.db.tx(Budget.CREDIT) as connection:
+                repository = CreditRepository(connection)
+                account, entries = credits.expire(await repository.lock(customer_id, credit), now)
+                if entries:
+                    await repository.save([account], entries)
+        except asyncpg.LockNotAvailableError:
+            # The account is busy elsewhere: the page is still right up to what is written; the next read writes it.
+            log.info("credits.expiry_deferred", extra={"customer_id": customer_id, "credit": credit})
+            return
+        if entries:
+            self.changes.committed(customer_id, balances_only=True)
 
 
 def _by_account(batch: list[_Pending]) -> list[list[_Pending]]:

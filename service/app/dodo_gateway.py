@@ -1,42 +1,78 @@
 """Outbound calls to the Dodo Payments API, through the official SDK.
 
 Every failure leaves this module as a domain error that says what the caller can do: `DodoRefused` (Dodo
-understood and said no: FAILED_PRECONDITION with Dodo's message), `SubscriptionNotFound`, `DodoMisconfigured`
-(our key is wrong or missing: INTERNAL, loud in the log) or `DodoUnavailable` (safe to retry; `outcome_unknown`
+understood and said no: FAILED_PRECONDITION with Dodo's message), `SubscriptionNotFound` / `CustomerNotFound`
+(a 404 for the id the call names), `DodoMisconfigured` (Dodo refused our key: INTERNAL, loud in the log),
+`DodoNotConfigured` (no key is set; Dodo is not called) or `DodoUnavailable` (safe to retry; `outcome_unknown`
 when the request may have taken effect). The SDK's own exception classes never leave this module, so ChangePlan,
 reconciliation and every later Dodo call share one translation.
 
-Subscriptions are read from the raw JSON Dodo sent rather than the SDK's model, through the same reader as
-webhooks: fields newer than the pinned SDK survive in the stored payload. An answer that cannot be read is
-`DodoUnavailable`, never the caller's INVALID_ARGUMENT.
+Answers are read from the raw JSON Dodo sent rather than the SDK's models, through the same exact reader as
+webhooks (`loads`): fields newer than the pinned SDK survive in the stored payload, and a field we do not use
+cannot fail a call. An answer that cannot be read is `DodoUnavailable`, never the caller's INVALID_ARGUMENT.
+
+Mutations (change-plan, PATCH, checkout sessions, portal sessions) go through a client with the SDK's retries off:
+none of these endpoints takes an idempotency key, so a resent POST makes a second session, sends a second e-mail
+or applies a change twice. Reads go through the retrying client.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, NoReturn
+from datetime import datetime, timedelta
+from typing import Any, Literal, NoReturn, TypeVar
 
 import dodopayments
 import httpx
 from dodopayments.types.attach_addon_param import AttachAddonParam
+from dodopayments.types.customer_request_param import CustomerRequestParam
+from dodopayments.types.metadata_param import MetadataParam
+from dodopayments.types.product_item_req_param import ProductItemReqParam
 
+from service.app.metrics import Metrics
+from service.domain.clock import Clock, utc_now
 from service.domain.dodo_payloads import DodoSubscription, loads, read_subscription
 from service.domain.errors import (
+    CustomerNotFound,
     DodoMisconfigured,
+    DodoNotConfigured,
     DodoRefused,
     DodoUnavailable,
     MalformedPayload,
+    NotFound,
     SubscriptionNotFound,
 )
 from service.domain.plan_change_rules import EffectiveAt, ProrationBillingMode
-from service.domain.values import Addon
+from service.domain.values import Addon, CheckoutCustomer, CheckoutItem, CheckoutSession, DodoProduct
 
 log = logging.getLogger("entitlements.dodo")
 
+_T = TypeVar("_T")
+
 OnPaymentFailure = Literal["prevent_change", "apply_change"]
+SubscriptionStatusChange = Literal["cancelled", "active", "paused"]
+"""What PATCH /subscriptions/{id} may set `status` to: cancel now, resume (paused, or on_hold by an unpaid pause
+invoice), pause. Dodo refuses `active` and `paused` combined with any other field (422)."""
+CancelReason = Literal[
+    "cancelled_by_customer",
+    "cancelled_by_merchant",
+    "cancelled_by_merchant_send_dunning",
+    "cancelled_by_merchant_grace_period_expired",
+    "dodo_team",
+]
+"""The `cancel_reason` values SDK 1.123 accepts on PATCH /subscriptions/{id}."""
+
+CHECKOUT_SESSION_LIFETIME = timedelta(hours=24)
+"""A checkout session (without `confirm`) lives 24 h at Dodo; we report the expiry from just before we asked, so
+ours is never later than Dodo's."""
+PORTAL_LINK_LIFETIME = timedelta(hours=24)
+PRODUCTS_PAGE_SIZE = 100
+"""Dodo's documented maximum page size for GET /products."""
+PRODUCTS_MAX_PAGES = 50
 
 # Failures raised before any byte of the request left this process: the request certainly had no effect.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
@@ -54,7 +90,7 @@ class PlanChangePreview:
 class DodoGateway:
     """Our only door to the Dodo API.
 
-    `api_key=None` (or empty) builds a gateway whose every call raises `DodoMisconfigured`, so the service can
+    `api_key=None` (or empty) builds a gateway whose every call raises `DodoNotConfigured`, so the service can
     start and serve access checks from stored state while plan changes report a clear configuration error.
     `base_url=None` uses the SDK's default (live mode). `timeout` bounds each HTTP attempt, in seconds.
     """
@@ -66,8 +102,12 @@ class DodoGateway:
         timeout: float = 10.0,
         *,
         read_max_retries: int = 2,
+        metrics: Metrics | None = None,
+        clock: Clock = utc_now,
     ) -> None:
         self._timeout = timeout
+        self.metrics = metrics
+        self._clock = clock
         self._reader: dodopayments.AsyncDodoPayments | None = None
         self._writer: dodopayments.AsyncDodoPayments | None = None
         if not api_key:
@@ -89,6 +129,11 @@ class DodoGateway:
         # connection pool; the caller decides what to do about an unknown outcome.
         self._writer = client.with_options(max_retries=0)
 
+    @property
+    def configured(self) -> bool:
+        """Whether an API key is set (without one every call raises DodoNotConfigured)."""
+        return self._reader is not None
+
     async def close(self) -> None:
         # The writer shares the reader's HTTP client, so closing the reader closes both.
         if self._reader is not None:
@@ -96,9 +141,9 @@ class DodoGateway:
 
     async def get_subscription(self, subscription_id: str) -> DodoSubscription:
         client = self._client(self._reader, "get_subscription")
-        with self._translate("get_subscription", subscription_id):
+        with self._translate("get_subscription", not_found=_no_subscription(subscription_id), **_sub(subscription_id)):
             raw = await client.subscriptions.with_raw_response.retrieve(subscription_id)
-            data = await self._json(raw, operation="get_subscription", subscription_id=subscription_id)
+            data = await self._json(raw, "get_subscription", _sub(subscription_id))
         return _readable(data, "get_subscription", subscription_id, raw.status_code)
 
     async def change_plan(
@@ -117,7 +162,7 @@ class DodoGateway:
         `addons` is the complete add-on list for the new plan: Dodo removes any add-on not listed.
         """
         client = self._client(self._writer, "change_plan")
-        with self._translate("change_plan", subscription_id):
+        with self._translate("change_plan", not_found=_no_subscription(subscription_id), **_sub(subscription_id)):
             await client.subscriptions.change_plan(
                 subscription_id,
                 product_id=product_id,
@@ -141,7 +186,9 @@ class DodoGateway:
     ) -> PlanChangePreview:
         # A preview changes nothing, so the SDK's retries are harmless here: it uses the retrying client.
         client = self._client(self._reader, "preview_change_plan")
-        with self._translate("preview_change_plan", subscription_id):
+        with self._translate(
+            "preview_change_plan", not_found=_no_subscription(subscription_id), **_sub(subscription_id)
+        ):
             raw = await client.subscriptions.with_raw_response.preview_change_plan(
                 subscription_id,
                 product_id=product_id,
@@ -151,7 +198,7 @@ class DodoGateway:
                 addons=_addon_params(addons),
                 on_payment_failure=on_payment_failure if on_payment_failure is not None else dodopayments.omit,
             )
-            data = await self._json(raw, operation="preview_change_plan", subscription_id=subscription_id)
+            data = await self._json(raw, "preview_change_plan", _sub(subscription_id))
         preview = _read_preview(data, subscription_id, raw.status_code)
         if preview is None:
             log.warning(
@@ -160,39 +207,242 @@ class DodoGateway:
             raise DodoUnavailable("Dodo returned an unreadable plan-change preview", status=raw.status_code)
         return preview
 
-    async def _json(self, raw: Any, *, operation: str, subscription_id: str) -> object:
-        """Dodo's answer read like a webhook body: exact decimals, bounded nesting, nothing Postgres refuses."""
+    async def update_subscription(
+        self,
+        subscription_id: str,
+        *,
+        cancel_at_next_billing_date: bool | None = None,
+        status: SubscriptionStatusChange | None = None,
+        cancel_reason: CancelReason | None = None,
+        cancellation_comment: str | None = None,
+    ) -> None:
+        """PATCH the subscription, sending only the fields given, exactly once: after `DodoUnavailable` the
+        outcome may be unknown, so read the subscription back before deciding anything.
+
+        `cancel_at_next_billing_date=True` schedules the cancellation at period end (the subscription stays
+        `active` until then), False withdraws it; `status="cancelled"` cancels now, `"paused"` pauses, `"active"`
+        resumes. Dodo answers 422 (`DodoRefused`) to `paused`/`active` combined with any other field.
+        """
+        changes = (cancel_at_next_billing_date, status, cancel_reason, cancellation_comment)
+        if all(change is None for change in changes):
+            raise ValueError("update_subscription needs at least one field to change")
+        client = self._client(self._writer, "update_subscription")
+        facts = _sub(subscription_id)
+        with self._translate("update_subscription", not_found=_no_subscription(subscription_id), **facts):
+            # The raw response, never parsed: the 2xx status is the answer, and the caller reads the subscription
+            # back through get_subscription, so a Subscription shape newer than the SDK cannot fail a change
+            # that Dodo has already applied.
+            await client.subscriptions.with_raw_response.update(
+                subscription_id,
+                cancel_at_next_billing_date=_given(cancel_at_next_billing_date),
+                status=_given(status),
+                cancel_reason=_given(cancel_reason),
+                cancellation_comment=_given(cancellation_comment),
+            )
+        log.info(
+            "dodo.subscription_updated",
+            extra={
+                "operation": "update_subscription",
+                **facts,
+                "new_status": status,
+                "cancel_at_next_billing_date": cancel_at_next_billing_date,
+            },
+        )
+
+    async def create_checkout(
+        self,
+        *,
+        items: Sequence[CheckoutItem],
+        customer: CheckoutCustomer,
+        trial_period_days: int | None,
+        return_url: str | None,
+        cancel_url: str | None,
+        discount_code: str | None,
+        metadata: Mapping[str, str],
+    ) -> CheckoutSession:
+        """Create a Dodo checkout session (POST /checkouts), sent exactly once: a resent POST makes a second
+        session, so after `DodoUnavailable` (outcome unknown) a session may exist that nobody will use.
+
+        `customer` names an existing Dodo customer (`customer_id`) or a new one by `email` (and `name`); with
+        neither, Dodo's checkout asks for them. `trial_period_days` overrides the product's trial only when
+        given; `discount_code` is sent as Dodo's `discount_codes=[code]` (the singular field is deprecated).
+        Empty URLs and codes count as not given.
+        """
+        client = self._client(self._writer, "create_checkout")
+        facts = {"customer_id": customer.customer_id} if customer.customer_id else {}
+        # A 404 names the only id in the request that Dodo looks up and we do not validate: the customer.
+        not_found = _no_customer(customer.customer_id) if customer.customer_id else None
+        requested_at = self._clock()
+        dodo_metadata: MetadataParam = dict(metadata.items())
+        with self._translate("create_checkout", not_found=not_found, **facts):
+            raw = await client.checkout_sessions.with_raw_response.create(
+                product_cart=[_cart_item(item) for item in items],
+                customer=_customer_param(customer),
+                subscription_data=(
+                    {"trial_period_days": trial_period_days} if trial_period_days is not None else dodopayments.omit
+                ),
+                discount_codes=[discount_code] if discount_code else dodopayments.omit,
+                return_url=return_url or dodopayments.omit,
+                cancel_url=cancel_url or dodopayments.omit,
+                metadata=dodo_metadata,
+            )
+            data = await self._json(raw, "create_checkout", facts)
+        session_id = _text(data, "session_id")
+        checkout_url = _text(data, "checkout_url")
+        if session_id is None or checkout_url is None:
+            log.warning("dodo.unreadable", extra={"operation": "create_checkout", **facts, "why": "no session"})
+            # The session may well exist at Dodo: the outcome is unknown, as after a timeout.
+            raise DodoUnavailable("Dodo returned an unreadable checkout session", status=raw.status_code)
+        log.info("dodo.checkout_created", extra={"operation": "create_checkout", **facts, "session_id": session_id})
+        return CheckoutSession(
+            session_id=session_id,
+            checkout_url=checkout_url,
+            expires_at=requested_at + CHECKOUT_SESSION_LIFETIME,
+        )
+
+    async def create_portal_session(
+        self, customer_id: str, *, return_url: str | None, send_email: bool
+    ) -> tuple[str, datetime]:
+        """A customer-portal link for a Dodo customer and when it expires (24 h after we asked).
+
+        POST /customers/{id}/customer-portal/session with no body, `return_url` (when given) and `send_email` as
+        query parameters; sent once, since `send_email=True` mails the customer each time. An unknown customer
+        is `CustomerNotFound`.
+        """
+        client = self._client(self._writer, "create_portal_session")
+        facts = {"customer_id": customer_id}
+        requested_at = self._clock()
+        with self._translate("create_portal_session", not_found=_no_customer(customer_id), **facts):
+            raw = await client.customers.customer_portal.with_raw_response.create(
+                customer_id, return_url=return_url or dodopayments.omit, send_email=send_email
+            )
+            data = await self._json(raw, "create_portal_session", facts)
+        link = _text(data, "link")
+        if link is None:
+            log.warning("dodo.unreadable", extra={"operation": "create_portal_session", **facts, "why": "no link"})
+            raise DodoUnavailable("Dodo returned an unreadable customer-portal session", status=raw.status_code)
+        return link, requested_at + PORTAL_LINK_LIFETIME
+
+    async def list_products(
+        self, *, page_size: int = PRODUCTS_PAGE_SIZE, max_pages: int = PRODUCTS_MAX_PAGES
+    ) -> list[DodoProduct]:
+        """Every (unarchived) product's name and price, in Dodo's order, reading at most `max_pages` pages.
+
+        Pages are numbered from 0 (Dodo's default) and asked for explicitly: the SDK's own paginator continues
+        from page 2 after the first page, skipping page 1. A page shorter than `page_size` is the last. A
+        product listed twice (a page that repeats) is kept once. A product whose price cannot be read (an
+        unknown price type, a missing amount) is skipped with a warning; a page that cannot be read fails the
+        whole list as `DodoUnavailable`, since what it held is unknown.
+        """
+        client = self._client(self._reader, "list_products")
+        facts: dict[str, str] = {}
+        products: dict[str, DodoProduct] = {}
+        seen: set[str] = set()
+        with self._translate("list_products"):
+            for page_number in range(max_pages):
+                raw = await client.products.with_raw_response.list(page_number=page_number, page_size=page_size)
+                data = await self._json(raw, "list_products", facts, outcome_unknown=False)
+                items = data.get("items") if isinstance(data, dict) else None
+                if not isinstance(items, list):
+                    log.warning(
+                        "dodo.unreadable",
+                        extra={"operation": "list_products", "page_number": page_number, "why": "no items list"},
+                    )
+                    raise DodoUnavailable(
+                        "Dodo returned an unreadable product list", status=raw.status_code, outcome_unknown=False
+                    )
+                for item in items:
+                    product, why = _read_product(item)
+                    product_id = item.get("product_id") if isinstance(item, dict) else None
+                    if isinstance(product_id, str):
+                        if product_id in seen:
+                            continue
+                        seen.add(product_id)
+                    if product is None:
+                        log.warning(
+                            "dodo.product_skipped",
+                            extra={"operation": "list_products", "product_id": product_id, "why": why},
+                        )
+                        continue
+                    products[product.product_id] = product
+                if len(items) < page_size:
+                    break
+            else:
+                log.warning(
+                    "dodo.products_truncated",
+                    extra={"operation": "list_products", "max_pages": max_pages, "page_size": page_size},
+                )
+        return list(products.values())
+
+    async def _json(
+        self, raw: Any, operation: str, facts: Mapping[str, str], *, outcome_unknown: bool = True
+    ) -> object:
+        """Dodo's answer read like a webhook body: exact decimals, bounded nesting, nothing Postgres refuses.
+
+        `outcome_unknown=False` for reads: an unreadable answer to a read changed nothing."""
         try:
             return loads(await raw.text())
         except MalformedPayload as error:
-            log.warning(
-                "dodo.unreadable",
-                extra={"operation": operation, "subscription_id": subscription_id, "why": error.message},
-            )
-            raise DodoUnavailable("Dodo answered with a body that is not readable JSON") from None
+            log.warning("dodo.unreadable", extra={"operation": operation, **facts, "why": error.message})
+            raise DodoUnavailable(
+                "Dodo answered with a body that is not readable JSON", outcome_unknown=outcome_unknown
+            ) from None
 
     def _client(self, client: dodopayments.AsyncDodoPayments | None, operation: str) -> dodopayments.AsyncDodoPayments:
         if client is None:
             log.error("dodo.not_configured", extra={"operation": operation, "fix": "set DODO_PAYMENTS_API_KEY"})
-            raise DodoMisconfigured("no Dodo API key is configured")
+            raise DodoNotConfigured()
         return client
 
     @contextmanager
-    def _translate(self, operation: str, subscription_id: str) -> Iterator[None]:
-        """Turn the SDK's exceptions into domain errors, logging what an operator needs (never the API key)."""
-        facts = {"operation": operation, "subscription_id": subscription_id}
+    def _translate(
+        self, operation: str, *, not_found: Callable[[], NotFound] | None = None, **subject: str
+    ) -> Iterator[None]:
+        """Turn the SDK's exceptions into domain errors, logging what an operator needs (never the API key), and
+        count the call under `operation` in the metrics.
+
+        `subject` names what the call is about (`subscription_id=...`, `customer_id=...`) in every log line;
+        `not_found` builds the error for a 404 (without one, a 404 is Dodo refusing the request).
+        """
+        facts = {"operation": operation, **subject}
+        started = time.perf_counter()
+        status = "ok"
         try:
             yield
         except dodopayments.APITimeoutError as exc:
+            status = "timeout"
             sent = not isinstance(exc.__cause__, _NOT_SENT)
             log.warning("dodo.timeout", extra={**facts, "timeout_s": self._timeout, "maybe_applied": sent})
             raise DodoUnavailable(f"Dodo did not answer within {self._timeout}s", outcome_unknown=sent) from exc
         except dodopayments.APIConnectionError as exc:
+            status = "unreachable"
             sent = not isinstance(exc.__cause__, _NOT_SENT)
             log.warning("dodo.unreachable", extra={**facts, "why": type(exc.__cause__).__name__, "maybe_applied": sent})
             raise DodoUnavailable("Dodo could not be reached", outcome_unknown=sent) from exc
         except dodopayments.APIStatusError as exc:
-            _raise_for_status(exc, facts)
+            status = str(exc.status_code)
+            _raise_for_status(exc, facts, not_found)
+        finally:
+            if self.metrics is not None:
+                self.metrics.dodo_requests.labels(operation, status).inc()
+                self.metrics.dodo_duration.labels(operation).observe(time.perf_counter() - started)
+
+
+def _sub(subscription_id: str) -> dict[str, str]:
+    return {"subscription_id": subscription_id}
+
+
+def _no_subscription(subscription_id: str) -> Callable[[], NotFound]:
+    return lambda: SubscriptionNotFound(subscription_id, at_dodo=True)
+
+
+def _no_customer(customer_id: str) -> Callable[[], NotFound]:
+    return lambda: CustomerNotFound(customer_id, at_dodo=True)
+
+
+def _given(value: _T | None) -> _T | dodopayments.Omit:
+    """None as "not sent": the SDK leaves an omitted field out of the body, while None would send null."""
+    return dodopayments.omit if value is None else value
 
 
 def _readable(data: object, operation: str, subscription_id: str, status: int) -> DodoSubscription:
@@ -208,7 +458,9 @@ def _readable(data: object, operation: str, subscription_id: str, status: int) -
         raise DodoUnavailable("Dodo returned an unreadable subscription", status=status) from None
 
 
-def _raise_for_status(exc: dodopayments.APIStatusError, facts: dict[str, str]) -> NoReturn:
+def _raise_for_status(
+    exc: dodopayments.APIStatusError, facts: dict[str, str], not_found: Callable[[], NotFound] | None
+) -> NoReturn:
     status = exc.status_code
     code, message = _error_details(exc)
     if status in (401, 403):
@@ -223,8 +475,9 @@ def _raise_for_status(exc: dodopayments.APIStatusError, facts: dict[str, str]) -
             },
         )
         raise DodoMisconfigured(f"Dodo refused the API key (HTTP {status})", status=status) from exc
-    if status == 404:
-        raise SubscriptionNotFound(facts["subscription_id"], at_dodo=True) from exc
+    if status == 404 and not_found is not None:
+        log.info("dodo.not_found", extra={**facts, "status": status, "dodo_message": message})
+        raise not_found() from exc
     if status in (408, 429) or status >= 500:
         # 429 was refused before any work, so it certainly did not apply.
         log.warning("dodo.failed", extra={**facts, "status": status, "dodo_message": message})
@@ -270,4 +523,78 @@ def _read_preview(data: object, subscription_id: str, status: int) -> PlanChange
         immediate_charge=total,
         currency=currency,
         new_plan=_readable(new_plan, "preview_change_plan", subscription_id, status),
+    )
+
+
+def _cart_item(item: CheckoutItem) -> ProductItemReqParam:
+    line: ProductItemReqParam = {"product_id": item.product_id, "quantity": item.quantity}
+    # Only when there are some: Dodo accepts add-ons on subscription products only, and a one-time product in
+    # the cart must not carry even an empty list.
+    if item.addons:
+        line["addons"] = _addon_params(item.addons)
+    return line
+
+
+def _customer_param(customer: CheckoutCustomer) -> CustomerRequestParam | dodopayments.Omit:
+    if customer.customer_id:
+        return {"customer_id": customer.customer_id}
+    if customer.email:
+        if customer.name:
+            return {"email": customer.email, "name": customer.name}
+        return {"email": customer.email}
+    # Nobody named: Dodo's checkout page asks the buyer.
+    return dodopayments.omit
+
+
+def _text(data: object, key: str) -> str | None:
+    value = data.get(key) if isinstance(data, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+def _whole(value: object) -> int | None:
+    """A JSON integer (never a bool, and never a decimal such as 29.0: amounts are minor units)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+# Where each price type keeps its amount; any other type is skipped, so a new one on Dodo's side only hides that
+# product's price.
+_PRICE_AMOUNT = {"recurring_price": "price", "usage_based_price": "fixed_price", "one_time_price": "price"}
+
+
+def _read_product(item: object) -> tuple[DodoProduct | None, str]:
+    """A product list item's id, name and price (its `price_detail`), or None and why it cannot be read."""
+    if not isinstance(item, dict):
+        return None, "not a JSON object"
+    product_id = item.get("product_id")
+    if not isinstance(product_id, str) or not product_id:
+        return None, "no product_id"
+    detail = item.get("price_detail")
+    if not isinstance(detail, dict):
+        return None, "no price_detail"
+    kind = detail.get("type")
+    amount_key = _PRICE_AMOUNT.get(kind) if isinstance(kind, str) else None
+    if amount_key is None:
+        return None, f"price type {kind!r} unknown"
+    amount = _whole(detail.get(amount_key))
+    currency = detail.get("currency")
+    if amount is None or amount < 0 or not isinstance(currency, str) or not currency:
+        return None, f"{kind} without a readable {amount_key} and currency"
+    count, interval = 0, ""
+    if kind != "one_time_price":
+        raw_count = _whole(detail.get("payment_frequency_count"))
+        raw_interval = detail.get("payment_frequency_interval")
+        if raw_count is None or raw_count < 1 or not isinstance(raw_interval, str) or not raw_interval:
+            return None, f"{kind} without a readable payment frequency"
+        count, interval = raw_count, raw_interval
+    name = item.get("name")
+    return (
+        DodoProduct(
+            product_id=product_id,
+            name=name if isinstance(name, str) else "",
+            price=amount,
+            currency=currency,
+            payment_frequency_count=count,
+            payment_frequency_interval=interval,
+        ),
+        "",
     )

@@ -32,7 +32,8 @@ from service.app.background import BackgroundTasks
 from service.domain.values import CustomerEntitlements
 from storage.engine import Connection, Database
 from storage.errors import is_database_unavailable
-from storage.repositories.changes import CHANGES_CHANNEL, CREDITS_SCOPE
+from storage.repositories.changes import CHANGES_CHANNEL, CREDITS_SCOPE, REF_SCOPE
+from storage.repositories.customer_refs import CustomerRefRepository
 from storage.repositories.customers import load_accounts, load_customer
 
 log = logging.getLogger("entitlements.cache")
@@ -41,6 +42,8 @@ Loader = Callable[[Connection, str], Awaitable[CustomerEntitlements]]
 DEFAULT_MAX_CUSTOMERS = 200_000
 DEFAULT_MAX_UNKNOWN = 50_000
 DEFAULT_STALE_GRACE_SECONDS = 300.0
+# Refs and customer ids share the in-flight bookkeeping; refs are told apart by this prefix.
+_REF = "\0ref:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,8 @@ class EntitlementCache:
         # Ids nobody has subscribed with: kept apart and bounded on their own, so a flood of made-up ids can
         # neither grow memory past its bound nor push real customers out.
         self._unknown: OrderedDict[str, CustomerEntitlements] = OrderedDict()
+        # customer_ref -> customer_id (None: not linked), so a CheckAccess by ref costs no round trip either.
+        self._refs: OrderedDict[str, str | None] = OrderedDict()
         self._loading: dict[str, int] = {}
         self._dirty: set[str] = set()
         self._listening = False
@@ -95,6 +100,15 @@ class EntitlementCache:
 
     def __len__(self) -> int:
         return len(self._entries) + len(self._unknown)
+
+    def figures(self) -> dict[str, int]:
+        """For /metrics: read when scraped, so the hot path counts nothing twice."""
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "customers": len(self._entries),
+            "unknown": len(self._unknown),
+        }
 
     async def get(self, customer_id: str, *, balances: bool = True) -> CustomerEntitlements:
         """The customer's snapshot; with `balances=False` its credit balances may be stale (ConsumeCredits reads
@@ -120,6 +134,46 @@ class EntitlementCache:
             log.warning("cache.served_stale", extra={"customer_id": customer_id[:64]})
             return Lookup(known, stale=True)
 
+    async def resolve_ref(self, customer_ref: str) -> str | None:
+        """The Dodo customer a ref is linked to (None: not linked), cached like customers and invalidated by the
+        change feed's `ref` notices. While Postgres is unreachable, the last-known link answers (degraded mode)."""
+        if self._listening and customer_ref in self._refs:
+            self._refs.move_to_end(customer_ref)
+            self.hits += 1
+            return self._refs[customer_ref]
+        self.misses += 1
+        loading = _REF + customer_ref
+        self._loading[loading] = self._loading.get(loading, 0) + 1
+        try:
+            try:
+                async with self.db.connection() as connection:
+                    found = await CustomerRefRepository(connection).resolve(customer_ref)
+            except Exception as error:
+                if is_database_unavailable(error) and customer_ref in self._refs and self._within_grace():
+                    return self._refs[customer_ref]
+                raise
+            if self._listening and loading not in self._dirty:
+                self._refs[customer_ref] = found
+                self._refs.move_to_end(customer_ref)
+                while len(self._refs) > self.max_unknown:
+                    self._refs.popitem(last=False)
+            return found
+        finally:
+            left = self._loading[loading] - 1
+            if left:
+                self._loading[loading] = left
+            else:
+                del self._loading[loading]
+                self._dirty.discard(loading)
+
+    def invalidate_ref(self, customer_ref: str) -> None:
+        self._refs.pop(customer_ref, None)
+        if _REF + customer_ref in self._loading:
+            self._dirty.add(_REF + customer_ref)
+
+    def _within_grace(self) -> bool:
+        return self._lost_at is None or self._monotonic() - self._lost_at <= self.stale_grace
+
     def _cached(self, customer_id: str) -> CustomerEntitlements | None:
         for store in (self._entries, self._unknown):
             entry = store.get(customer_id)
@@ -130,9 +184,7 @@ class EntitlementCache:
 
     def _last_known(self, customer_id: str, *, balances: bool) -> CustomerEntitlements | None:
         entry = self._entries.get(customer_id) or self._unknown.get(customer_id)
-        if entry is None or (balances and not entry.accounts_loaded):
-            return None
-        if self._lost_at is not None and self._monotonic() - self._lost_at > self.stale_grace:
+        if entry is None or (balances and not entry.accounts_loaded) or not self._within_grace():
             return None
         return entry
 
@@ -181,6 +233,7 @@ class EntitlementCache:
     def clear(self) -> None:
         self._entries.clear()
         self._unknown.clear()
+        self._refs.clear()
         self._dirty.update(self._loading)
 
     def start(self, tasks: BackgroundTasks) -> None:
@@ -236,8 +289,11 @@ class EntitlementCache:
         self._listening = value
 
     def _on_notice(self, connection: Any, pid: int, channel: str, payload: object) -> None:
-        scope, _, customer_id = str(payload).partition(":")
-        self.invalidate(customer_id, balances_only=scope == CREDITS_SCOPE)
+        scope, _, subject = str(payload).partition(":")
+        if scope == REF_SCOPE:
+            self.invalidate_ref(subject)
+        else:
+            self.invalidate(subject, balances_only=scope == CREDITS_SCOPE)
 
     def _on_terminated(self, connection: Any) -> None:
         self._set_listening(False)

@@ -6,13 +6,20 @@ from collections.abc import Mapping
 from dataclasses import replace
 from decimal import Decimal
 
+from service.app.customers import Customers, named_customer
 from service.app.entitlement_cache import EntitlementCache
 from service.domain import access_rules as access
 from service.domain import credit_rules as credits
 from service.domain import limits
 from service.domain.catalog import Catalog
 from service.domain.clock import Clock
-from service.domain.errors import CustomerHasNoSubscription, MissingField, SubscriptionNotFound, UnknownFeature
+from service.domain.errors import (
+    CustomerHasNoSubscription,
+    CustomerRefNotLinked,
+    MissingField,
+    SubscriptionNotFound,
+    UnknownFeature,
+)
 from service.domain.values import (
     AccessReason,
     Account,
@@ -24,23 +31,30 @@ from service.domain.values import (
 )
 from storage.engine import Database
 from storage.repositories.credits import CreditRepository
+from storage.repositories.customer_refs import CustomerRefRepository
 from storage.repositories.subscriptions import SubscriptionRepository
 
 
 class EntitlementReader:
-    def __init__(self, db: Database, catalog: Catalog, clock: Clock, cache: EntitlementCache) -> None:
+    def __init__(
+        self, db: Database, catalog: Catalog, clock: Clock, cache: EntitlementCache, customers: Customers
+    ) -> None:
         self.db = db
         self.catalog = catalog
         self.clock = clock
         self.cache = cache
+        self.customers = customers
 
-    async def check_access(self, customer_id: str, feature: str) -> FeatureDecision:
-        limits.check_id("customer_id", customer_id)
+    async def check_access(self, customer_id: str, feature: str, customer_ref: str = "") -> FeatureDecision:
+        named_customer(customer_id, customer_ref)
         limits.check_id("feature", feature)
         kind = self.catalog.kind_of(feature)
         if kind is None:
             raise UnknownFeature(feature)
-        found = await self.cache.lookup(customer_id, balances=kind is FeatureKind.CREDIT)
+        resolved = await self.customers.resolve(customer_id, customer_ref)
+        if resolved is None:  # a ref nobody has linked yet: a customer without a subscription
+            return FeatureDecision(False, AccessReason.NO_SUBSCRIPTION, kind)
+        found = await self.cache.lookup(resolved, balances=kind is FeatureKind.CREDIT)
         decision = self.decide(found.customer, feature, kind)
         if not found.stale:
             return decision
@@ -58,16 +72,24 @@ class EntitlementReader:
         headroom = credits.overage_limit(self.catalog.credits[feature], subs, self.catalog, now)
         return access.feature_access(subs, self.catalog, feature, now, balance=balance, overage_headroom=headroom)
 
-    async def get_subscription(self, *, subscription_id: str = "", customer_id: str = "") -> SubscriptionView:
+    async def get_subscription(
+        self, *, subscription_id: str = "", customer_id: str = "", customer_ref: str = ""
+    ) -> SubscriptionView:
         limits.check_id("subscription_id", subscription_id, required=False)
         limits.check_id("customer_id", customer_id, required=False)
+        limits.check_id("customer_ref", customer_ref, required=False)
+        if customer_ref:
+            customer_id = await self.customers.resolve("", customer_ref) or ""
+            if not customer_id:
+                raise CustomerRefNotLinked(customer_ref)
         if subscription_id:
             async with self.db.connection() as connection:
                 found = await SubscriptionRepository(connection).get(subscription_id)
                 if found is None:
                     raise SubscriptionNotFound(subscription_id)
                 accounts = await CreditRepository(connection).accounts(found.customer_id)
-            return self.view(found, accounts)
+                refs = await CustomerRefRepository(connection).refs_of(found.customer_id)
+            return self.view(found, accounts, customer_ref=refs[0] if refs else "")
         if customer_id:
             # Not from the cache: it keeps only what decisions read, and this answer shows everything.
             async with self.db.connection() as connection:
@@ -76,10 +98,13 @@ class EntitlementReader:
                 if relevant is None:
                     raise CustomerHasNoSubscription(customer_id)
                 accounts = await CreditRepository(connection).accounts(customer_id)
-            return self.view(relevant, accounts)
-        raise MissingField("subscription_id or customer_id")
+                refs = await CustomerRefRepository(connection).refs_of(customer_id)
+            return self.view(relevant, accounts, customer_ref=customer_ref or (refs[0] if refs else ""))
+        raise MissingField("subscription_id, customer_id or customer_ref")
 
-    def view(self, sub: SubscriptionState, accounts: Mapping[str, Account] | None = None) -> SubscriptionView:
+    def view(
+        self, sub: SubscriptionState, accounts: Mapping[str, Account] | None = None, *, customer_ref: str = ""
+    ) -> SubscriptionView:
         plan = self.catalog.plan(sub.product_id)
         now = self.clock()
         accounts = accounts or {}
@@ -95,4 +120,5 @@ class EntitlementReader:
             limits=dict(plan.limits) if plan is not None else {},
             credits=balances,
             trial_ends_at=access.trial_ends_at(sub),
+            customer_ref=customer_ref,
         )

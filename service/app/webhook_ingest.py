@@ -10,11 +10,13 @@ import asyncpg
 
 from service.app.change_feed import ChangeFeed
 from service.app.credit_grants import apply_dodo_ledger_entry
+from service.app.customers import LinkedBy, link_ref
+from service.app.metrics import Metrics
 from service.app.snapshots import apply_snapshot
 from service.app.subject_gate import SubjectGate
 from service.domain.catalog import Catalog
 from service.domain.dodo_events import Event, EventData, Outcome, read_data
-from service.domain.dodo_payloads import DodoLedgerEntry, DodoSubscription
+from service.domain.dodo_payloads import DodoLedgerEntry, DodoSubscription, customer_ref_in
 from service.domain.errors import MalformedPayload
 from storage.engine import Connection, Database
 from storage.repositories.inbox import InboxRepository
@@ -30,21 +32,53 @@ class WebhookIngest:
     """The webhook use case: store and apply one delivery in one transaction. After the commit the changed
     customers are forgotten by this process's cache at once (other replicas learn it from the change feed)."""
 
-    def __init__(self, db: Database, catalog: Catalog, changes: ChangeFeed, gate: SubjectGate | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        catalog: Catalog,
+        changes: ChangeFeed,
+        *,
+        gate: SubjectGate | None = None,
+        metrics: Metrics | None = None,
+        customer_ref_key: str = "customer_ref",
+    ) -> None:
         self.db = db
         self.catalog = catalog
         self.changes = changes
         self.gate = gate or SubjectGate(timeout=db.lock_timeout_ms / 1000)
+        self.metrics = metrics
+        self.customer_ref_key = customer_ref_key
 
     async def __call__(self, event: Event) -> Outcome:
         # Read before a connection is taken: a malformed delivery costs no transaction.
         content = read_data(event)
+        if isinstance(content, DodoSubscription) and self.catalog.plan(content.state.product_id) is None:
+            self._unknown_product(event, content)
         # One delivery per subject at a time: a burst for one stuck subject waits here, holding no connection.
         async with self.gate.hold(_subject(content)):
-            outcome, customers = await _ingest(self.db, self.catalog, event, content)
+            linking = _linking(event, content, self.customer_ref_key)
+            outcome, customers = await _ingest(self.db, self.catalog, event, content, linking)
         self.changes.committed(*customers)
+        if linking is not None and outcome is not Outcome.DUPLICATE:
+            self.changes.refs_changed(linking[1])
         log.info("webhook.%s", outcome.value, extra={"webhook_id": event.webhook_id, "type": event.type})
         return outcome
+
+    def _unknown_product(self, event: Event, content: DodoSubscription) -> None:
+        # Stored and applied all the same (it is Dodo's truth), but its customer gets no plan features: a paying
+        # customer denied because the catalog lags behind Dodo's products must be loud.
+        product = content.state.product_id
+        log.error(
+            "webhook.unknown_product",
+            extra={
+                "webhook_id": event.webhook_id,
+                "subscription_id": content.state.subscription_id,
+                "product_id": product,
+                "fix": f"add [plans.{product}] to the catalog (ENTITLEMENTS_CATALOG)",
+            },
+        )
+        if self.metrics is not None:
+            self.metrics.webhook_unknown_products.labels(product).inc()
 
 
 def _subject(content: EventData) -> str | None:
@@ -56,11 +90,22 @@ def _subject(content: EventData) -> str | None:
     return None
 
 
-async def _ingest(db: Database, catalog: Catalog, event: Event, content: EventData) -> tuple[Outcome, tuple[str, ...]]:
+def _linking(event: Event, content: EventData, key: str) -> tuple[str, str] | None:
+    """The (customer_id, customer_ref) a subscription or payment event links, if its metadata carries a ref."""
+    if isinstance(content, DodoSubscription) or event.type.startswith("payment."):
+        return customer_ref_in(event.data, key)
+    return None
+
+
+async def _ingest(
+    db: Database, catalog: Catalog, event: Event, content: EventData, linking: tuple[str, str] | None
+) -> tuple[Outcome, tuple[str, ...]]:
     try:
         with _storable():
             async with db.tx() as connection:
                 outcome, subject, customers = await _handle(connection, catalog, event, content)
+                if linking is not None:
+                    await link_ref(connection, linking[1], linking[0], linked_by=LinkedBy.WEBHOOK)
                 # Last, so the row goes in with its outcome in the same round trip; a twin delivery running
                 # concurrently waits here on the unique index and then rolls its (identical) work back.
                 stored = await InboxRepository(connection).record(

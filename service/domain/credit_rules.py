@@ -39,6 +39,10 @@ def effective_balance(account: Account, now: datetime) -> Decimal:
     return balance
 
 
+def has_expired_grants(account: Account, now: datetime) -> bool:
+    return any(_expired(grant, now) and grant.remaining > 0 for grant in account.grants)
+
+
 def _expired(grant: Grant, now: datetime) -> bool:
     return grant.expires_at is not None and grant.expires_at <= now
 

@@ -376,3 +376,20 @@ def read_credit_notice(data: Mapping[str, Any]) -> str:
     read_id(data.get("customer_id"), "data.customer_id", required=False)
     read_id(data.get("subscription_id"), "data.subscription_id", required=False)
     return read_id(data.get("credit_entitlement_id"), "data.credit_entitlement_id", required=False)
+
+
+def customer_ref_in(data: Mapping[str, Any], key: str) -> tuple[str, str] | None:
+    """(customer_id, customer_ref) when a subscription's or payment's `metadata` (or its customer's) carries the
+    company's own id under `key`; None when it does not, or when what it carries is not a valid id (§12): the
+    metadata is the merchant's, so a bad ref is skipped rather than the event refused."""
+    customer = data.get("customer")
+    if not isinstance(customer, Mapping) or not isinstance(customer.get("customer_id"), str):
+        return None
+    for metadata in (data.get("metadata"), customer.get("metadata")):
+        ref = metadata.get(key) if isinstance(metadata, Mapping) else None
+        if isinstance(ref, str) and ref:
+            try:
+                return check_id("customer.customer_id", customer["customer_id"]), check_id(key, ref)
+            except InvalidField:
+                return None
+    return None

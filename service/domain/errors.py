@@ -145,6 +145,27 @@ class SubscriptionNotFound(NotFound):
         self.subscription_id = subscription_id
 
 
+class CustomerNotFound(NotFound):
+    """A Dodo customer id that Dodo (or, with `at_dodo=False`, this service) does not know."""
+
+    def __init__(self, customer_id: str, *, at_dodo: bool = False) -> None:
+        where = " at Dodo" if at_dodo else ""
+        super().__init__(f"customer {quote(customer_id)} not found{where}")
+        self.customer_id = customer_id
+
+
+class CustomerRefNotLinked(NotFound):
+    reason = "CUSTOMER_REF_NOT_LINKED"
+
+    def __init__(self, customer_ref: str) -> None:
+        super().__init__(f"customer_ref {quote(customer_ref)} is not linked to a Dodo customer")
+
+
+class CustomerNotKnown(NotFound):
+    def __init__(self, customer_id: str) -> None:
+        super().__init__(f"customer {quote(customer_id)} is not known here (no subscription or payment seen)")
+
+
 class CustomerHasNoSubscription(NotFound):
     def __init__(self, customer_id: str) -> None:
         super().__init__(f"customer {quote(customer_id)} has no subscription")
@@ -155,6 +176,22 @@ class CustomerHasNoSubscription(NotFound):
 
 class IdempotencyKeyReused(FailedPrecondition):
     reason = "IDEMPOTENCY_KEY_REUSED"
+
+
+class AlreadySubscribed(FailedPrecondition):
+    reason = "ALREADY_SUBSCRIBED"
+
+    def __init__(self, subscription_id: str) -> None:
+        super().__init__(
+            "the customer already has a subscription that grants access; change its plan with ChangePlan, or set "
+            "allow_additional for a second subscription",
+            metadata={"subscription_id": subscription_id},
+        )
+
+
+class NothingToResume(FailedPrecondition):
+    def __init__(self, status: str) -> None:
+        super().__init__(f"subscription is {quote(status)} with no scheduled cancellation: nothing to resume")
 
 
 class SubscriptionNotActive(FailedPrecondition):
@@ -246,6 +283,15 @@ class DodoUnavailable(Unavailable):
 
 
 # --- our own configuration -------------------------------------------------------------------------------------
+
+
+class DodoNotConfigured(FailedPrecondition):
+    """No Dodo API key is set: calls that need Dodo cannot be made by this deployment (access checks still work)."""
+
+    reason = "DODO_NOT_CONFIGURED"
+
+    def __init__(self) -> None:
+        super().__init__("this service has no Dodo API access configured (DODO_PAYMENTS_API_KEY is unset)")
 
 
 class DodoMisconfigured(Internal):

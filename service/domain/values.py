@@ -237,3 +237,41 @@ class SubscriptionView:
     limits: dict[str, int] = field(default_factory=dict)
     credits: dict[str, Decimal] = field(default_factory=dict)
     trial_ends_at: datetime | None = None
+    customer_ref: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckoutItem:
+    """One product of a checkout cart (a catalog product), with its add-ons."""
+
+    product_id: str
+    quantity: int = 1
+    addons: tuple[Addon, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CheckoutCustomer:
+    """Who a checkout is for: an existing Dodo customer, or a new one by e-mail (and name)."""
+
+    customer_id: str = ""
+    email: str = ""
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckoutSession:
+    session_id: str
+    checkout_url: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DodoProduct:
+    """A Dodo product's price as the pricing page shows it (minor units of `currency`)."""
+
+    product_id: str
+    name: str
+    price: int
+    currency: str
+    payment_frequency_count: int = 0
+    payment_frequency_interval: str = ""

@@ -8,11 +8,15 @@ from decimal import Decimal
 from entitlements.v1 import entitlements_pb2 as pb
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from service.app.checkouts import CheckoutRequest, CheckoutResult
 from service.app.credit_service import ConsumeRequest, ConsumeResult, LedgerPage
+from service.app.plan_listing import PricedPlan
+from service.app.portal_sessions import PortalSession
+from service.app.subscription_lifecycle import Cancellation, Resumption
 from service.domain import decimals
 from service.domain.errors import InvalidField
 from service.domain.plan_change_rules import EffectiveAt, PlanChange, PlanChangeResult, ProrationBillingMode
-from service.domain.values import AccessReason, FeatureDecision, FeatureKind, SubscriptionView
+from service.domain.values import AccessReason, Addon, CheckoutItem, FeatureDecision, FeatureKind, SubscriptionView
 
 _REASONS: dict[AccessReason, pb.AccessReason.ValueType] = {
     AccessReason.ACTIVE: pb.ACCESS_REASON_ACTIVE,
@@ -64,11 +68,7 @@ def check_access_response(decision: FeatureDecision) -> pb.CheckAccessResponse:
 def subscription(view: SubscriptionView) -> pb.Subscription:
     state = view.state
     scheduled = state.scheduled_change
-    interval = (
-        f"{state.payment_frequency_count} {state.payment_frequency_interval}"
-        if state.payment_frequency_interval
-        else ""
-    )
+    interval = _interval(state.payment_frequency_count, state.payment_frequency_interval)
     return pb.Subscription(
         subscription_id=state.subscription_id,
         customer_id=state.customer_id,
@@ -101,6 +101,7 @@ def subscription(view: SubscriptionView) -> pb.Subscription:
             effective_at=timestamp(scheduled.effective_at),
         ),
         plan_name=view.plan_name,
+        customer_ref=view.customer_ref,
     )
 
 
@@ -112,6 +113,7 @@ def consume_request(request: pb.ConsumeCreditsRequest) -> ConsumeRequest:
         idempotency_key=request.idempotency_key,
         description=request.description,
         metadata=dict(request.metadata),
+        customer_ref=request.customer_ref,
     )
 
 
@@ -186,3 +188,82 @@ def plan_change_response(result: PlanChangeResult) -> pb.ChangePlanResponse:
         currency=result.currency,
         replayed=result.replayed,
     )
+
+
+def checkout_request(request: pb.CreateCheckoutRequest, *, caller: str = "") -> CheckoutRequest:
+    return CheckoutRequest(
+        items=tuple(
+            CheckoutItem(
+                product_id=item.product_id,
+                quantity=item.quantity,
+                addons=tuple(Addon(addon.addon_id, addon.quantity) for addon in item.addons),
+            )
+            for item in request.items
+        ),
+        idempotency_key=request.idempotency_key,
+        customer_id=request.customer_id,
+        customer_ref=request.customer_ref,
+        email=request.email,
+        name=request.name,
+        trial_period_days=request.trial_period_days if request.HasField("trial_period_days") else None,
+        return_url=request.return_url,
+        cancel_url=request.cancel_url,
+        discount_code=request.discount_code,
+        metadata=dict(request.metadata),
+        allow_additional=request.allow_additional,
+        caller=caller,
+    )
+
+
+def checkout_response(result: CheckoutResult) -> pb.CreateCheckoutResponse:
+    return pb.CreateCheckoutResponse(
+        session_id=result.session.session_id,
+        checkout_url=result.session.checkout_url,
+        expires_at=timestamp(result.session.expires_at),
+        replayed=result.replayed,
+    )
+
+
+def portal_response(session: PortalSession) -> pb.CreatePortalSessionResponse:
+    return pb.CreatePortalSessionResponse(url=session.url, expires_at=timestamp(session.expires_at))
+
+
+def cancellation(request: pb.CancelSubscriptionRequest, *, caller: str = "") -> Cancellation:
+    return Cancellation(
+        subscription_id=request.subscription_id,
+        idempotency_key=request.idempotency_key,
+        immediately=request.immediately,
+        reason=request.reason,
+        caller=caller,
+    )
+
+
+def resumption(request: pb.ResumeSubscriptionRequest, *, caller: str = "") -> Resumption:
+    return Resumption(subscription_id=request.subscription_id, idempotency_key=request.idempotency_key, caller=caller)
+
+
+def plans_response(plans: list[PricedPlan]) -> pb.ListPlansResponse:
+    listed = []
+    for priced in plans:
+        plan, price = priced.plan, priced.price
+        listed.append(
+            pb.Plan(
+                product_id=plan.product_id,
+                name=plan.name,
+                features=sorted(plan.features),
+                limits=dict(plan.limits),
+                credits={key: decimal_text(amount) for key, amount in plan.credits.items()},
+                trial_credits={key: decimal_text(amount) for key, amount in plan.trial_credits.items()},
+                grace_period_days=priced.grace_period_days,
+                price=price.price if price is not None else 0,
+                currency=price.currency if price is not None else "",
+                billing_interval=_interval(price.payment_frequency_count, price.payment_frequency_interval)
+                if price is not None
+                else "",
+            )
+        )
+    return pb.ListPlansResponse(plans=listed)
+
+
+def _interval(count: int, unit: str) -> str:
+    return f"{count} {unit}" if unit else ""

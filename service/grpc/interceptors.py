@@ -9,6 +9,7 @@ import enum
 import hmac
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, cast
@@ -19,6 +20,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from service.app.metrics import Metrics
 from service.domain.errors import ConfigurationError, DomainError, PermissionDenied, StorageUnavailable
 from storage.errors import is_database_unavailable
 
@@ -69,8 +71,14 @@ _METHOD_SCOPES = {
     "CheckAccess": Scope.CHECK,
     "GetSubscription": Scope.CHECK,
     "ListCreditLedger": Scope.CHECK,
+    "ListPlans": Scope.CHECK,
     "ConsumeCredits": Scope.CONSUME,
     "ChangePlan": Scope.BILLING,
+    "CreateCheckout": Scope.BILLING,
+    "CreatePortalSession": Scope.BILLING,
+    "CancelSubscription": Scope.BILLING,
+    "ResumeSubscription": Scope.BILLING,
+    "LinkCustomer": Scope.BILLING,
 }
 # Any valid caller may ask reflection what the API looks like; health is for load balancers, who carry no token.
 _AUTHENTICATED_ONLY = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
@@ -301,9 +309,12 @@ def status_for(error: DomainError) -> grpc.Status:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Domain errors become their status (with ErrorInfo); Postgres outages become UNAVAILABLE; the rest INTERNAL."""
+    """Domain errors become their status (with ErrorInfo); Postgres outages become UNAVAILABLE; the rest INTERNAL.
+    Every call it guards is counted and timed by method and final code (the RPC metrics) in the same wrapper,
+    so the hot path pays for one wrapper, not two."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
         self._guarded: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
@@ -321,24 +332,39 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def _guard(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
         inner = cast(Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]], handler.unary_unary)
+        metrics = self._metrics
+        name = method.rpartition("/")[2]
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            if request is _UNDECODABLE:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _UNDECODABLE_MESSAGE)
+            started = time.perf_counter()
+            code = "INTERNAL"
             try:
-                return await inner(request, context)
-            except (grpc.aio.AbortError, asyncio.CancelledError):
+                if request is _UNDECODABLE:
+                    code = "INVALID_ARGUMENT"
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _UNDECODABLE_MESSAGE)
+                response = await inner(request, context)
+                code = "OK"
+                return response
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
                 raise
             except DomainError as error:
+                code = error.grpc_code.name
                 status = status_for(error)
                 await context.abort(status.code, status.details, status.trailing_metadata)
             except Exception as error:
                 if is_database_unavailable(error):
+                    code = "UNAVAILABLE"
                     log.warning("grpc.unavailable", extra={"method": method, "why": type(error).__name__})
                     status = status_for(StorageUnavailable())
                     await context.abort(status.code, status.details, status.trailing_metadata)
                 log.exception("grpc.failed", extra={"method": method})
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            finally:
+                if metrics is not None:
+                    metrics.observe_rpc(name, code, time.perf_counter() - started)
 
         return _same_kind(handler, guarded, request_deserializer=_tolerant(handler.request_deserializer))
 

@@ -14,6 +14,8 @@ CHANGES_CHANNEL = "entitlements_changed"
 # consumption leaves the customer's subscriptions cached).
 ALL_SCOPE = "all"
 CREDITS_SCOPE = "credits"
+# A customer_ref's link changed: the row's customer_id column holds the ref.
+REF_SCOPE = "ref"
 
 _PUBLISH = """
 WITH sent AS (

@@ -77,3 +77,9 @@ def _subscription(item: list[Any]) -> CachedSubscription:
 def _account(customer_id: str, item: list[Any]) -> Account:
     credit, balance, grants = item
     return account_from(customer_id, credit, Decimal(balance), grants, expiring_only=True)
+
+
+async def customer_exists(connection: Connection, customer_id: str) -> bool:
+    """Whether a subscription or payment of this Dodo customer was ever stored here."""
+    found = await connection.fetchval("SELECT 1 FROM customers WHERE customer_id = $1", customer_id)
+    return found is not None

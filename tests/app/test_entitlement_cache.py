@@ -4,6 +4,7 @@ caching a load that a concurrent change overtook, and bypassed while its invalid
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import sys
@@ -279,3 +280,10 @@ async def test_a_consumption_through_one_replica_shows_in_the_others_balance_wit
     while (await other_replica.CheckAccess(tokens)).balance != "9998.5":
         assert time.monotonic() - committed < 0.1, "the other replica still shows the old balance"
         await asyncio.sleep(0.002)
+
+
+async def test_a_clean_shutdown_logs_no_bypass_warning(service: Running, caplog: pytest.LogCaptureFixture) -> None:
+    await wait_listening(service)
+    caplog.set_level(logging.WARNING)
+    await service.stop(0)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("cache.")] == []

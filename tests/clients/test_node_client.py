@@ -1,87 +1,83 @@
-"""The Node.js client (clients/node/check_access.js) against the real server: the contract works from another
-language, loading the same .proto at run time."""
+"""The Node.js example (clients/node/check_access.js) against the real server: plain JavaScript calling the contract
+through the @entitlements/client package, with one client, hence one connection, for all of its calls."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import shutil
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from service.server import Running
-from tests.support import API_TOKEN, CUSTOMER_ID, NODE_DIR, WebhookPoster, ensure_node_modules, load_event
+from tests.clients.nodejs import ConnectionCounter, NodeRun, environment_without, install_node_packages, run_node
+from tests.support import API_TOKEN, CUSTOMER_ID, NODE_DIR, WebhookPoster, deliver, load_event
 
-NODE_TIMEOUT = 20.0
+TOKEN_VARIABLES = ("ENTITLEMENTS_TOKEN", "ENTITLEMENTS_API_TOKENS")
 
 
 @pytest.fixture(scope="session")
-def node_modules() -> Path:
-    if shutil.which("node") is None:
-        pytest.fail("node is not installed: run `make install` (it installs Node.js and npm)")
-    return ensure_node_modules()
+def node_packages() -> None:
+    install_node_packages()
 
 
-@dataclass
-class NodeRun:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-async def check_access_js(port: int, customer_id: str, feature: str, *, token: str | None) -> NodeRun:
-    """Run the script without blocking the event loop: the server under test answers on this same loop."""
-    env = {name: value for name, value in os.environ.items() if name != "ENTITLEMENTS_API_TOKENS"}
+async def check_access_js(target: str, customer_id: str, *features: str, token: str | None) -> NodeRun:
+    """The command line of the README, with the token where the server's own settings keep it."""
+    env = environment_without(*TOKEN_VARIABLES)
     if token is not None:
         env["ENTITLEMENTS_API_TOKENS"] = token
-    process = await asyncio.create_subprocess_exec(
-        "node",
-        str(NODE_DIR / "check_access.js"),
-        f"127.0.0.1:{port}",
-        customer_id,
-        feature,
-        env=env,
-        cwd=NODE_DIR,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), NODE_TIMEOUT)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return NodeRun(process.returncode, stdout.decode(), stderr.decode())
+    return await run_node(str(NODE_DIR / "check_access.js"), target, customer_id, *features, cwd=NODE_DIR, env=env)
 
 
+@pytest.mark.usefixtures("node_packages")
 async def test_node_client_sees_access_granted_by_an_active_subscription(
-    node_modules: Path, service: Running, webhooks: WebhookPoster
+    service: Running, webhooks: WebhookPoster
 ) -> None:
-    assert await webhooks.send(load_event("subscription_active")) == (200, {"status": "applied"})
+    await deliver(webhooks, load_event("subscription_active"))
 
-    run = await check_access_js(service.grpc_port, CUSTOMER_ID, "dashboard", token=API_TOKEN)
+    run = await check_access_js(f"127.0.0.1:{service.grpc_port}", CUSTOMER_ID, "dashboard", token=API_TOKEN)
 
     assert run.returncode == 0, run.stderr
     answer = json.loads(run.stdout)
     assert answer["allowed"] is True
     assert answer["reason"] == "ACCESS_REASON_ACTIVE"
     assert answer["status"] == "active"
+    assert answer["kind"] == "FEATURE_KIND_BOOLEAN"
 
 
+@pytest.mark.usefixtures("node_packages")
 async def test_node_client_without_a_token_is_refused_as_unauthenticated(
-    node_modules: Path, service: Running, webhooks: WebhookPoster
+    service: Running, webhooks: WebhookPoster
 ) -> None:
-    assert await webhooks.send(load_event("subscription_active")) == (200, {"status": "applied"})
+    await deliver(webhooks, load_event("subscription_active"))
 
-    run = await check_access_js(service.grpc_port, CUSTOMER_ID, "dashboard", token=None)
+    run = await check_access_js(f"127.0.0.1:{service.grpc_port}", CUSTOMER_ID, "dashboard", token=None)
 
-    assert run.returncode != 0
+    assert run.returncode == 1
     assert run.stdout == ""
     error = json.loads(run.stderr)
-    assert error["code"] == 16  # UNAUTHENTICATED
-    assert "token" in error["details"]
+    assert (error["code"], error["code_name"]) == (16, "UNAUTHENTICATED")
+    assert "token" in error["message"]
+
+
+@pytest.mark.usefixtures("node_packages")
+async def test_node_client_asks_about_several_features_over_one_connection(
+    service: Running, webhooks: WebhookPoster
+) -> None:
+    await deliver(webhooks, load_event("subscription_active"))
+
+    async with ConnectionCounter(service.grpc_port) as relay:
+        run = await check_access_js(relay.target, CUSTOMER_ID, "dashboard", "pro", "sso", token=API_TOKEN)
+
+    assert run.returncode == 0, run.stderr
+    answers = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [(a["allowed"], a["reason"]) for a in answers] == [
+        (True, "ACCESS_REASON_ACTIVE"),
+        (True, "ACCESS_REASON_ACTIVE"),
+        (False, "ACCESS_REASON_FEATURE_NOT_IN_PLAN"),
+    ]
+    assert relay.connections == 1
+
+
+def test_node_package_main_names_the_example_that_exists() -> None:
+    manifest = json.loads((NODE_DIR / "package.json").read_text())
+
+    assert (NODE_DIR / manifest["main"]).is_file(), manifest["main"]

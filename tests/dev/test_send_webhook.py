@@ -131,3 +131,23 @@ async def test_send_with_the_wrong_key_exits_non_zero_and_nothing_is_stored(
     assert exit_code != 0
     assert capsys.readouterr().err.startswith("401 ")
     assert await stored_counts(db) == NOTHING_STORED
+
+
+def test_a_fixtures_period_is_moved_to_have_begun_yesterday_and_keeps_its_shape() -> None:
+    data = load_event("subscription_active")["data"]
+    now = datetime(2030, 5, 5, 12, 0, tzinfo=UTC)
+    moved = send.moved_to_now(data, now)
+
+    def at(value: str) -> datetime:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+    assert at(moved["previous_billing_date"]).date() == (now - timedelta(days=1)).date()
+    later = send.moved_to_now(data, now + timedelta(hours=3))
+    assert later["previous_billing_date"] == moved["previous_billing_date"], "one period for events of one day"
+    length = at(data["next_billing_date"]) - at(data["previous_billing_date"])
+    assert at(moved["next_billing_date"]) - at(moved["previous_billing_date"]) == length
+    assert at(moved["created_at"]) - at(moved["previous_billing_date"]) == at(data["created_at"]) - at(
+        data["previous_billing_date"]
+    )
+    dates = {"created_at", "previous_billing_date", "next_billing_date", "cancelled_at", "expires_at"}
+    assert {k: v for k, v in moved.items() if k not in dates} == {k: v for k, v in data.items() if k not in dates}

@@ -224,8 +224,12 @@ def test_every_rpc_maps_to_the_scope_of_design_14_and_an_unknown_method_needs_bi
         "ListCreditLedger": Scope.CHECK,
         "ConsumeCredits": Scope.CONSUME,
         "ChangePlan": Scope.BILLING,
-        # Not written yet: whatever it becomes, it is refused to check-only callers until it is mapped.
+        "ListPlans": Scope.CHECK,
+        "CreateCheckout": Scope.BILLING,
+        "CreatePortalSession": Scope.BILLING,
         "CancelSubscription": Scope.BILLING,
+        "ResumeSubscription": Scope.BILLING,
+        "LinkCustomer": Scope.BILLING,
     }
     contract = {method.name for method in pb.DESCRIPTOR.services_by_name["EntitlementService"].methods}
 

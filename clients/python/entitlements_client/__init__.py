@@ -1,71 +1,105 @@
-"""A thin typed Python client for entitlements.v1: plain values in, generated messages out.
+"""A typed Python client for entitlements.v1 (the Dodo Payments entitlement service): async and blocking clients for
+every RPC, plain dataclasses out, typed exceptions with the server's ErrorInfo, deadlines, safe retries, TLS.
 
-async with EntitlementsClient("127.0.0.1:50051", token="…") as client:
-    decision = await client.check_access("cus_123", "dashboard")
-    if decision.allowed: ...
+    from entitlements_client import EntitlementsClient
+
+    async with EntitlementsClient("127.0.0.1:50051", token=token) as client:
+        decision = await client.check_access("cus_123", "dashboard")
+        if decision.allowed:
+            ...
+
+`SyncEntitlementsClient` has the same methods without `await`. `python -m entitlements_client` (or the
+`entitlements` command) is the CLI.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import TracebackType
-
-import grpc
 from entitlements.v1 import entitlements_pb2 as pb
-from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
+from entitlements_client._clients import DEFAULT_TIMEOUT, EntitlementsClient, SyncEntitlementsClient
+from entitlements_client._version import __version__
+from entitlements_client.errors import (
+    Aborted,
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    EntitlementsError,
+    FailedPrecondition,
+    InsufficientCredits,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+from entitlements_client.models import (
+    AccessDecision,
+    AccessReason,
+    CancelSubscriptionResult,
+    ChangePlanResult,
+    CheckAccessResult,
+    CheckoutAddon,
+    CheckoutItem,
+    CheckoutSession,
+    ConsumeCreditsResult,
+    CreditLedgerEntry,
+    CreditLedgerPage,
+    CustomerLink,
+    EffectiveAt,
+    FeatureKind,
+    Plan,
+    PortalSession,
+    ProrationMode,
+    ResumeSubscriptionResult,
+    ScheduledChange,
+    Subscription,
+)
+from entitlements_client.options import NO_RETRY, RetryPolicy, Tls
 
-__all__ = ["EntitlementsClient", "pb"]
-
-
-class EntitlementsClient:
-    def __init__(self, target: str, *, token: str | None = None, timeout: float = 5.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
-        self._stub: pb_grpc.EntitlementServiceAsyncStub = pb_grpc.EntitlementServiceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._timeout = timeout
-
-    async def __aenter__(self) -> EntitlementsClient:
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self._channel.close()
-
-    async def check_access(self, customer_id: str, feature: str) -> pb.CheckAccessResponse:
-        request = pb.CheckAccessRequest(customer_id=customer_id, feature=feature)
-        return await self._stub.CheckAccess(request, metadata=self._metadata, timeout=self._timeout)
-
-    async def get_subscription(self, *, subscription_id: str = "", customer_id: str = "") -> pb.Subscription:
-        if subscription_id:
-            request = pb.GetSubscriptionRequest(subscription_id=subscription_id)
-        else:
-            request = pb.GetSubscriptionRequest(customer_id=customer_id)
-        response = await self._stub.GetSubscription(request, metadata=self._metadata, timeout=self._timeout)
-        return response.subscription
-
-    async def consume_credits(
-        self,
-        customer_id: str,
-        credit: str,
-        amount: str,
-        idempotency_key: str,
-        *,
-        description: str = "",
-        metadata: Mapping[str, str] | None = None,
-    ) -> pb.ConsumeCreditsResponse:
-        request = pb.ConsumeCreditsRequest(
-            customer_id=customer_id,
-            credit=credit,
-            amount=amount,
-            idempotency_key=idempotency_key,
-            description=description,
-            metadata=dict(metadata or {}),
-        )
-        return await self._stub.ConsumeCredits(request, metadata=self._metadata, timeout=self._timeout)
-
-    async def change_plan(self, request: pb.ChangePlanRequest) -> pb.ChangePlanResponse:
-        return await self._stub.ChangePlan(request, metadata=self._metadata, timeout=self._timeout)
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "NO_RETRY",
+    "Aborted",
+    "AccessDecision",
+    "AccessReason",
+    "AlreadyExists",
+    "CancelSubscriptionResult",
+    "Cancelled",
+    "ChangePlanResult",
+    "CheckAccessResult",
+    "CheckoutAddon",
+    "CheckoutItem",
+    "CheckoutSession",
+    "ConsumeCreditsResult",
+    "CreditLedgerEntry",
+    "CreditLedgerPage",
+    "CustomerLink",
+    "DeadlineExceeded",
+    "EffectiveAt",
+    "EntitlementsClient",
+    "EntitlementsError",
+    "FailedPrecondition",
+    "FeatureKind",
+    "InsufficientCredits",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "Plan",
+    "PortalSession",
+    "ProrationMode",
+    "ResourceExhausted",
+    "ResumeSubscriptionResult",
+    "RetryPolicy",
+    "ScheduledChange",
+    "Subscription",
+    "SyncEntitlementsClient",
+    "Tls",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "__version__",
+    "pb",
+]

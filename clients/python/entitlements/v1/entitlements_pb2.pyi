@@ -132,18 +132,23 @@ class CheckAccessRequest(_message.Message):
 
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     FEATURE_FIELD_NUMBER: _builtins.int
+    CUSTOMER_REF_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
+    """The Dodo customer id, or (exactly one of the two) `customer_ref`."""
     feature: _builtins.str
     """A boolean feature, a limit key or a credit key of the catalog."""
+    customer_ref: _builtins.str
+    """The company's own id for the customer (linked by checkout metadata, webhook metadata or LinkCustomer)."""
     def __init__(
         self,
         *,
         customer_id: _builtins.str = ...,
         feature: _builtins.str = ...,
+        customer_ref: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "feature", b"feature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "customer_ref", b"customer_ref", "feature", b"feature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -210,20 +215,24 @@ class GetSubscriptionRequest(_message.Message):
 
     SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_REF_FIELD_NUMBER: _builtins.int
     subscription_id: _builtins.str
     customer_id: _builtins.str
     """The customer's most relevant subscription: one that grants access first, then the newest."""
+    customer_ref: _builtins.str
+    """The same, naming the customer by the company's own id."""
     def __init__(
         self,
         *,
         subscription_id: _builtins.str = ...,
         customer_id: _builtins.str = ...,
+        customer_ref: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "selector", b"selector", "subscription_id", b"subscription_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "customer_ref", b"customer_ref", "selector", b"selector", "subscription_id", b"subscription_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "selector", b"selector", "subscription_id", b"subscription_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "customer_ref", b"customer_ref", "selector", b"selector", "subscription_id", b"subscription_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_selector: _TypeAlias = _typing.Literal["subscription_id", "customer_id"]  # noqa: Y015
+    _WhichOneofReturnType_selector: _TypeAlias = _typing.Literal["subscription_id", "customer_id", "customer_ref"]  # noqa: Y015
     _WhichOneofArgType_selector: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_selector) -> _WhichOneofReturnType_selector | None: ...
 
@@ -370,6 +379,7 @@ class Subscription(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     SCHEDULED_CHANGE_FIELD_NUMBER: _builtins.int
     PLAN_NAME_FIELD_NUMBER: _builtins.int
+    CUSTOMER_REF_FIELD_NUMBER: _builtins.int
     subscription_id: _builtins.str
     customer_id: _builtins.str
     customer_email: _builtins.str
@@ -384,6 +394,8 @@ class Subscription(_message.Message):
     billing_interval: _builtins.str
     """Billing cycle, e.g. "1 Month"."""
     plan_name: _builtins.str
+    customer_ref: _builtins.str
+    """The company's own id for this customer, when one is linked."""
     @_builtins.property
     def trial_ends_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -432,10 +444,11 @@ class Subscription(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         scheduled_change: Global___ScheduledChange | None = ...,
         plan_name: _builtins.str = ...,
+        customer_ref: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "cancelled_at", b"cancelled_at", "current_period_end", b"current_period_end", "current_period_start", b"current_period_start", "scheduled_change", b"scheduled_change", "trial_ends_at", b"trial_ends_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "billing_interval", b"billing_interval", "cancel_at_period_end", b"cancel_at_period_end", "cancelled_at", b"cancelled_at", "credits", b"credits", "currency", b"currency", "current_period_end", b"current_period_end", "current_period_start", b"current_period_start", "customer_email", b"customer_email", "customer_id", b"customer_id", "features", b"features", "limits", b"limits", "plan_name", b"plan_name", "product_id", b"product_id", "quantity", b"quantity", "recurring_amount", b"recurring_amount", "scheduled_change", b"scheduled_change", "status", b"status", "subscription_id", b"subscription_id", "trial_ends_at", b"trial_ends_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "billing_interval", b"billing_interval", "cancel_at_period_end", b"cancel_at_period_end", "cancelled_at", b"cancelled_at", "credits", b"credits", "currency", b"currency", "current_period_end", b"current_period_end", "current_period_start", b"current_period_start", "customer_email", b"customer_email", "customer_id", b"customer_id", "customer_ref", b"customer_ref", "features", b"features", "limits", b"limits", "plan_name", b"plan_name", "product_id", b"product_id", "quantity", b"quantity", "recurring_amount", b"recurring_amount", "scheduled_change", b"scheduled_change", "status", b"status", "subscription_id", b"subscription_id", "trial_ends_at", b"trial_ends_at", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -541,12 +554,15 @@ class ConsumeCreditsRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    CUSTOMER_REF_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     credit: _builtins.str
     amount: _builtins.str
     """Positive decimal string, e.g. "25" or "0.25"."""
     idempotency_key: _builtins.str
     description: _builtins.str
+    customer_ref: _builtins.str
+    """Instead of `customer_id`: the company's own id for the customer."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -558,10 +574,11 @@ class ConsumeCreditsRequest(_message.Message):
         idempotency_key: _builtins.str = ...,
         description: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        customer_ref: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "credit", b"credit", "customer_id", b"customer_id", "description", b"description", "idempotency_key", b"idempotency_key", "metadata", b"metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "credit", b"credit", "customer_id", b"customer_id", "customer_ref", b"customer_ref", "description", b"description", "idempotency_key", b"idempotency_key", "metadata", b"metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -605,10 +622,14 @@ class ListCreditLedgerRequest(_message.Message):
     CREDIT_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CUSTOMER_REF_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     credit: _builtins.str
     page_size: _builtins.int
+    """0 means 50; at most 500."""
     page_token: _builtins.str
+    customer_ref: _builtins.str
+    """Instead of `customer_id`: the company's own id for the customer."""
     def __init__(
         self,
         *,
@@ -616,10 +637,11 @@ class ListCreditLedgerRequest(_message.Message):
         credit: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        customer_ref: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "customer_id", b"customer_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "customer_id", b"customer_id", "customer_ref", b"customer_ref", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -721,3 +743,514 @@ class ListCreditLedgerResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListCreditLedgerResponse: _TypeAlias = ListCreditLedgerResponse  # noqa: Y015
+
+@_typing.final
+class CheckoutAddon(_message.Message):
+    """CheckoutAddon is an add-on of a checkout item."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDON_ID_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    addon_id: _builtins.str
+    quantity: _builtins.int
+    def __init__(
+        self,
+        *,
+        addon_id: _builtins.str = ...,
+        quantity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addon_id", b"addon_id", "quantity", b"quantity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckoutAddon: _TypeAlias = CheckoutAddon  # noqa: Y015
+
+@_typing.final
+class CheckoutItem(_message.Message):
+    """CheckoutItem is one product of a checkout cart."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCT_ID_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    ADDONS_FIELD_NUMBER: _builtins.int
+    product_id: _builtins.str
+    """A product of the plan catalog."""
+    quantity: _builtins.int
+    """0 means 1."""
+    @_builtins.property
+    def addons(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckoutAddon]: ...
+    def __init__(
+        self,
+        *,
+        product_id: _builtins.str = ...,
+        quantity: _builtins.int = ...,
+        addons: _abc.Iterable[Global___CheckoutAddon] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addons", b"addons", "product_id", b"product_id", "quantity", b"quantity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckoutItem: _TypeAlias = CheckoutItem  # noqa: Y015
+
+@_typing.final
+class CreateCheckoutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_REF_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    TRIAL_PERIOD_DAYS_FIELD_NUMBER: _builtins.int
+    RETURN_URL_FIELD_NUMBER: _builtins.int
+    CANCEL_URL_FIELD_NUMBER: _builtins.int
+    DISCOUNT_CODE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    ALLOW_ADDITIONAL_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    customer_id: _builtins.str
+    """Who pays: a Dodo customer id, or the company's own id (linked once the checkout completes), or neither and an
+    `email` for a new customer.
+    """
+    customer_ref: _builtins.str
+    email: _builtins.str
+    name: _builtins.str
+    trial_period_days: _builtins.int
+    """Overrides the product's trial (0 = no trial); unset keeps the product's."""
+    return_url: _builtins.str
+    cancel_url: _builtins.str
+    discount_code: _builtins.str
+    allow_additional: _builtins.bool
+    """Allow a customer who already has an access-granting subscription to buy another (upgrades use ChangePlan)."""
+    idempotency_key: _builtins.str
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckoutItem]: ...
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        customer_id: _builtins.str = ...,
+        customer_ref: _builtins.str = ...,
+        email: _builtins.str = ...,
+        name: _builtins.str = ...,
+        items: _abc.Iterable[Global___CheckoutItem] | None = ...,
+        trial_period_days: _builtins.int | None = ...,
+        return_url: _builtins.str = ...,
+        cancel_url: _builtins.str = ...,
+        discount_code: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        allow_additional: _builtins.bool = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_trial_period_days", b"_trial_period_days", "trial_period_days", b"trial_period_days"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_trial_period_days", b"_trial_period_days", "allow_additional", b"allow_additional", "cancel_url", b"cancel_url", "customer_id", b"customer_id", "customer_ref", b"customer_ref", "discount_code", b"discount_code", "email", b"email", "idempotency_key", b"idempotency_key", "items", b"items", "metadata", b"metadata", "name", b"name", "return_url", b"return_url", "trial_period_days", b"trial_period_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__trial_period_days: _TypeAlias = _typing.Literal["trial_period_days"]  # noqa: Y015
+    _WhichOneofArgType__trial_period_days: _TypeAlias = _typing.Literal["_trial_period_days", b"_trial_period_days"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__trial_period_days) -> _WhichOneofReturnType__trial_period_days | None: ...
+
+Global___CreateCheckoutRequest: _TypeAlias = CreateCheckoutRequest  # noqa: Y015
+
+@_typing.final
+class CreateCheckoutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    CHECKOUT_URL_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    checkout_url: _builtins.str
+    replayed: _builtins.bool
+    """True when the idempotency key was seen before and the stored session is returned."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        checkout_url: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkout_url", b"checkout_url", "expires_at", b"expires_at", "replayed", b"replayed", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCheckoutResponse: _TypeAlias = CreateCheckoutResponse  # noqa: Y015
+
+@_typing.final
+class CreatePortalSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_REF_FIELD_NUMBER: _builtins.int
+    RETURN_URL_FIELD_NUMBER: _builtins.int
+    SEND_EMAIL_FIELD_NUMBER: _builtins.int
+    customer_id: _builtins.str
+    customer_ref: _builtins.str
+    return_url: _builtins.str
+    """Where the portal's "return" link goes; empty keeps the business default."""
+    send_email: _builtins.bool
+    """Also e-mail the link to the customer."""
+    def __init__(
+        self,
+        *,
+        customer_id: _builtins.str = ...,
+        customer_ref: _builtins.str = ...,
+        return_url: _builtins.str = ...,
+        send_email: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "customer_ref", b"customer_ref", "return_url", b"return_url", "send_email", b"send_email"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePortalSessionRequest: _TypeAlias = CreatePortalSessionRequest  # noqa: Y015
+
+@_typing.final
+class CreatePortalSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePortalSessionResponse: _TypeAlias = CreatePortalSessionResponse  # noqa: Y015
+
+@_typing.final
+class CancelSubscriptionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
+    IMMEDIATELY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    subscription_id: _builtins.str
+    immediately: _builtins.bool
+    """False (the default) cancels at the end of the current period; true cancels now."""
+    reason: _builtins.str
+    """Why, in the caller's words (kept with the request; one of Dodo's cancel reasons is passed on as such)."""
+    idempotency_key: _builtins.str
+    def __init__(
+        self,
+        *,
+        subscription_id: _builtins.str = ...,
+        immediately: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "immediately", b"immediately", "reason", b"reason", "subscription_id", b"subscription_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelSubscriptionRequest: _TypeAlias = CancelSubscriptionRequest  # noqa: Y015
+
+@_typing.final
+class CancelSubscriptionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTION_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    @_builtins.property
+    def subscription(self) -> Global___Subscription: ...
+    def __init__(
+        self,
+        *,
+        subscription: Global___Subscription | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["subscription", b"subscription"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "subscription", b"subscription"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelSubscriptionResponse: _TypeAlias = CancelSubscriptionResponse  # noqa: Y015
+
+@_typing.final
+class ResumeSubscriptionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    subscription_id: _builtins.str
+    idempotency_key: _builtins.str
+    def __init__(
+        self,
+        *,
+        subscription_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "subscription_id", b"subscription_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeSubscriptionRequest: _TypeAlias = ResumeSubscriptionRequest  # noqa: Y015
+
+@_typing.final
+class ResumeSubscriptionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTION_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    @_builtins.property
+    def subscription(self) -> Global___Subscription: ...
+    def __init__(
+        self,
+        *,
+        subscription: Global___Subscription | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["subscription", b"subscription"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "subscription", b"subscription"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeSubscriptionResponse: _TypeAlias = ResumeSubscriptionResponse  # noqa: Y015
+
+@_typing.final
+class ListPlansRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPlansRequest: _TypeAlias = ListPlansRequest  # noqa: Y015
+
+@_typing.final
+class Plan(_message.Message):
+    """Plan is one product of the catalog, with Dodo's price when known."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LimitsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class CreditsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class TrialCreditsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PRODUCT_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    CREDITS_FIELD_NUMBER: _builtins.int
+    TRIAL_CREDITS_FIELD_NUMBER: _builtins.int
+    GRACE_PERIOD_DAYS_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    BILLING_INTERVAL_FIELD_NUMBER: _builtins.int
+    product_id: _builtins.str
+    name: _builtins.str
+    grace_period_days: _builtins.int
+    price: _builtins.int
+    """Minor units of `currency`; 0 with an empty currency when the price is not known."""
+    currency: _builtins.str
+    billing_interval: _builtins.str
+    """Billing cycle, e.g. "1 Month"."""
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def limits(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    @_builtins.property
+    def credits(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Credit key to the amount granted each period (decimal string)."""
+
+    @_builtins.property
+    def trial_credits(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        product_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
+        limits: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        credits: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        trial_credits: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        grace_period_days: _builtins.int = ...,
+        price: _builtins.int = ...,
+        currency: _builtins.str = ...,
+        billing_interval: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billing_interval", b"billing_interval", "credits", b"credits", "currency", b"currency", "features", b"features", "grace_period_days", b"grace_period_days", "limits", b"limits", "name", b"name", "price", b"price", "product_id", b"product_id", "trial_credits", b"trial_credits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Plan: _TypeAlias = Plan  # noqa: Y015
+
+@_typing.final
+class ListPlansResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLANS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def plans(self) -> _containers.RepeatedCompositeFieldContainer[Global___Plan]: ...
+    def __init__(
+        self,
+        *,
+        plans: _abc.Iterable[Global___Plan] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plans", b"plans"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPlansResponse: _TypeAlias = ListPlansResponse  # noqa: Y015
+
+@_typing.final
+class LinkCustomerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_REF_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    customer_ref: _builtins.str
+    customer_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        customer_ref: _builtins.str = ...,
+        customer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "customer_ref", b"customer_ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkCustomerRequest: _TypeAlias = LinkCustomerRequest  # noqa: Y015
+
+@_typing.final
+class LinkCustomerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_REF_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    customer_ref: _builtins.str
+    customer_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        customer_ref: _builtins.str = ...,
+        customer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "customer_ref", b"customer_ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkCustomerResponse: _TypeAlias = LinkCustomerResponse  # noqa: Y015

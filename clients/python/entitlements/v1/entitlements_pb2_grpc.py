@@ -60,6 +60,36 @@ class EntitlementServiceStub:
                 request_serializer=entitlements_dot_v1_dot_entitlements__pb2.ListCreditLedgerRequest.SerializeToString,
                 response_deserializer=entitlements_dot_v1_dot_entitlements__pb2.ListCreditLedgerResponse.FromString,
                 _registered_method=True)
+        self.CreateCheckout = channel.unary_unary(
+                '/entitlements.v1.EntitlementService/CreateCheckout',
+                request_serializer=entitlements_dot_v1_dot_entitlements__pb2.CreateCheckoutRequest.SerializeToString,
+                response_deserializer=entitlements_dot_v1_dot_entitlements__pb2.CreateCheckoutResponse.FromString,
+                _registered_method=True)
+        self.CreatePortalSession = channel.unary_unary(
+                '/entitlements.v1.EntitlementService/CreatePortalSession',
+                request_serializer=entitlements_dot_v1_dot_entitlements__pb2.CreatePortalSessionRequest.SerializeToString,
+                response_deserializer=entitlements_dot_v1_dot_entitlements__pb2.CreatePortalSessionResponse.FromString,
+                _registered_method=True)
+        self.CancelSubscription = channel.unary_unary(
+                '/entitlements.v1.EntitlementService/CancelSubscription',
+                request_serializer=entitlements_dot_v1_dot_entitlements__pb2.CancelSubscriptionRequest.SerializeToString,
+                response_deserializer=entitlements_dot_v1_dot_entitlements__pb2.CancelSubscriptionResponse.FromString,
+                _registered_method=True)
+        self.ResumeSubscription = channel.unary_unary(
+                '/entitlements.v1.EntitlementService/ResumeSubscription',
+                request_serializer=entitlements_dot_v1_dot_entitlements__pb2.ResumeSubscriptionRequest.SerializeToString,
+                response_deserializer=entitlements_dot_v1_dot_entitlements__pb2.ResumeSubscriptionResponse.FromString,
+                _registered_method=True)
+        self.ListPlans = channel.unary_unary(
+                '/entitlements.v1.EntitlementService/ListPlans',
+                request_serializer=entitlements_dot_v1_dot_entitlements__pb2.ListPlansRequest.SerializeToString,
+                response_deserializer=entitlements_dot_v1_dot_entitlements__pb2.ListPlansResponse.FromString,
+                _registered_method=True)
+        self.LinkCustomer = channel.unary_unary(
+                '/entitlements.v1.EntitlementService/LinkCustomer',
+                request_serializer=entitlements_dot_v1_dot_entitlements__pb2.LinkCustomerRequest.SerializeToString,
+                response_deserializer=entitlements_dot_v1_dot_entitlements__pb2.LinkCustomerResponse.FromString,
+                _registered_method=True)
 
 
 class EntitlementServiceServicer:
@@ -101,6 +131,48 @@ class EntitlementServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateCheckout(self, request, context):
+        """CreateCheckout opens a Dodo checkout session for a cart of catalog products (idempotent per key).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreatePortalSession(self, request, context):
+        """CreatePortalSession opens Dodo's customer portal for a customer to manage billing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelSubscription(self, request, context):
+        """CancelSubscription cancels at period end (by default) or immediately.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSubscription(self, request, context):
+        """ResumeSubscription undoes a scheduled cancellation, or resumes a paused subscription.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPlans(self, request, context):
+        """ListPlans lists the catalog's plans, with Dodo's prices when the service has API access.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LinkCustomer(self, request, context):
+        """LinkCustomer links (or moves) the company's own customer id to a Dodo customer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EntitlementServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +200,36 @@ def add_EntitlementServiceServicer_to_server(servicer, server):
                     servicer.ListCreditLedger,
                     request_deserializer=entitlements_dot_v1_dot_entitlements__pb2.ListCreditLedgerRequest.FromString,
                     response_serializer=entitlements_dot_v1_dot_entitlements__pb2.ListCreditLedgerResponse.SerializeToString,
+            ),
+            'CreateCheckout': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCheckout,
+                    request_deserializer=entitlements_dot_v1_dot_entitlements__pb2.CreateCheckoutRequest.FromString,
+                    response_serializer=entitlements_dot_v1_dot_entitlements__pb2.CreateCheckoutResponse.SerializeToString,
+            ),
+            'CreatePortalSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePortalSession,
+                    request_deserializer=entitlements_dot_v1_dot_entitlements__pb2.CreatePortalSessionRequest.FromString,
+                    response_serializer=entitlements_dot_v1_dot_entitlements__pb2.CreatePortalSessionResponse.SerializeToString,
+            ),
+            'CancelSubscription': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelSubscription,
+                    request_deserializer=entitlements_dot_v1_dot_entitlements__pb2.CancelSubscriptionRequest.FromString,
+                    response_serializer=entitlements_dot_v1_dot_entitlements__pb2.CancelSubscriptionResponse.SerializeToString,
+            ),
+            'ResumeSubscription': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSubscription,
+                    request_deserializer=entitlements_dot_v1_dot_entitlements__pb2.ResumeSubscriptionRequest.FromString,
+                    response_serializer=entitlements_dot_v1_dot_entitlements__pb2.ResumeSubscriptionResponse.SerializeToString,
+            ),
+            'ListPlans': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPlans,
+                    request_deserializer=entitlements_dot_v1_dot_entitlements__pb2.ListPlansRequest.FromString,
+                    response_serializer=entitlements_dot_v1_dot_entitlements__pb2.ListPlansResponse.SerializeToString,
+            ),
+            'LinkCustomer': grpc.unary_unary_rpc_method_handler(
+                    servicer.LinkCustomer,
+                    request_deserializer=entitlements_dot_v1_dot_entitlements__pb2.LinkCustomerRequest.FromString,
+                    response_serializer=entitlements_dot_v1_dot_entitlements__pb2.LinkCustomerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +368,168 @@ class EntitlementService:
             '/entitlements.v1.EntitlementService/ListCreditLedger',
             entitlements_dot_v1_dot_entitlements__pb2.ListCreditLedgerRequest.SerializeToString,
             entitlements_dot_v1_dot_entitlements__pb2.ListCreditLedgerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCheckout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entitlements.v1.EntitlementService/CreateCheckout',
+            entitlements_dot_v1_dot_entitlements__pb2.CreateCheckoutRequest.SerializeToString,
+            entitlements_dot_v1_dot_entitlements__pb2.CreateCheckoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePortalSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entitlements.v1.EntitlementService/CreatePortalSession',
+            entitlements_dot_v1_dot_entitlements__pb2.CreatePortalSessionRequest.SerializeToString,
+            entitlements_dot_v1_dot_entitlements__pb2.CreatePortalSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelSubscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entitlements.v1.EntitlementService/CancelSubscription',
+            entitlements_dot_v1_dot_entitlements__pb2.CancelSubscriptionRequest.SerializeToString,
+            entitlements_dot_v1_dot_entitlements__pb2.CancelSubscriptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSubscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entitlements.v1.EntitlementService/ResumeSubscription',
+            entitlements_dot_v1_dot_entitlements__pb2.ResumeSubscriptionRequest.SerializeToString,
+            entitlements_dot_v1_dot_entitlements__pb2.ResumeSubscriptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPlans(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entitlements.v1.EntitlementService/ListPlans',
+            entitlements_dot_v1_dot_entitlements__pb2.ListPlansRequest.SerializeToString,
+            entitlements_dot_v1_dot_entitlements__pb2.ListPlansResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LinkCustomer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entitlements.v1.EntitlementService/LinkCustomer',
+            entitlements_dot_v1_dot_entitlements__pb2.LinkCustomerRequest.SerializeToString,
+            entitlements_dot_v1_dot_entitlements__pb2.LinkCustomerResponse.FromString,
             options,
             channel_credentials,
             insecure,

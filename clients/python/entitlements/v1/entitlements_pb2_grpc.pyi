@@ -47,6 +47,18 @@ class EntitlementServiceStub:
     """ConsumeCredits atomically burns credits; a repeated idempotency key replays the original answer."""
     ListCreditLedger: _grpc.UnaryUnaryMultiCallable[_entitlements_pb2.ListCreditLedgerRequest, _entitlements_pb2.ListCreditLedgerResponse]
     """ListCreditLedger pages a customer's ledger for one credit, newest first."""
+    CreateCheckout: _grpc.UnaryUnaryMultiCallable[_entitlements_pb2.CreateCheckoutRequest, _entitlements_pb2.CreateCheckoutResponse]
+    """CreateCheckout opens a Dodo checkout session for a cart of catalog products (idempotent per key)."""
+    CreatePortalSession: _grpc.UnaryUnaryMultiCallable[_entitlements_pb2.CreatePortalSessionRequest, _entitlements_pb2.CreatePortalSessionResponse]
+    """CreatePortalSession opens Dodo's customer portal for a customer to manage billing."""
+    CancelSubscription: _grpc.UnaryUnaryMultiCallable[_entitlements_pb2.CancelSubscriptionRequest, _entitlements_pb2.CancelSubscriptionResponse]
+    """CancelSubscription cancels at period end (by default) or immediately."""
+    ResumeSubscription: _grpc.UnaryUnaryMultiCallable[_entitlements_pb2.ResumeSubscriptionRequest, _entitlements_pb2.ResumeSubscriptionResponse]
+    """ResumeSubscription undoes a scheduled cancellation, or resumes a paused subscription."""
+    ListPlans: _grpc.UnaryUnaryMultiCallable[_entitlements_pb2.ListPlansRequest, _entitlements_pb2.ListPlansResponse]
+    """ListPlans lists the catalog's plans, with Dodo's prices when the service has API access."""
+    LinkCustomer: _grpc.UnaryUnaryMultiCallable[_entitlements_pb2.LinkCustomerRequest, _entitlements_pb2.LinkCustomerResponse]
+    """LinkCustomer links (or moves) the company's own customer id to a Dodo customer."""
 
 @_typing.type_check_only
 class EntitlementServiceAsyncStub(EntitlementServiceStub):
@@ -63,6 +75,18 @@ class EntitlementServiceAsyncStub(EntitlementServiceStub):
     """ConsumeCredits atomically burns credits; a repeated idempotency key replays the original answer."""
     ListCreditLedger: _aio.UnaryUnaryMultiCallable[_entitlements_pb2.ListCreditLedgerRequest, _entitlements_pb2.ListCreditLedgerResponse]  # type: ignore[assignment]
     """ListCreditLedger pages a customer's ledger for one credit, newest first."""
+    CreateCheckout: _aio.UnaryUnaryMultiCallable[_entitlements_pb2.CreateCheckoutRequest, _entitlements_pb2.CreateCheckoutResponse]  # type: ignore[assignment]
+    """CreateCheckout opens a Dodo checkout session for a cart of catalog products (idempotent per key)."""
+    CreatePortalSession: _aio.UnaryUnaryMultiCallable[_entitlements_pb2.CreatePortalSessionRequest, _entitlements_pb2.CreatePortalSessionResponse]  # type: ignore[assignment]
+    """CreatePortalSession opens Dodo's customer portal for a customer to manage billing."""
+    CancelSubscription: _aio.UnaryUnaryMultiCallable[_entitlements_pb2.CancelSubscriptionRequest, _entitlements_pb2.CancelSubscriptionResponse]  # type: ignore[assignment]
+    """CancelSubscription cancels at period end (by default) or immediately."""
+    ResumeSubscription: _aio.UnaryUnaryMultiCallable[_entitlements_pb2.ResumeSubscriptionRequest, _entitlements_pb2.ResumeSubscriptionResponse]  # type: ignore[assignment]
+    """ResumeSubscription undoes a scheduled cancellation, or resumes a paused subscription."""
+    ListPlans: _aio.UnaryUnaryMultiCallable[_entitlements_pb2.ListPlansRequest, _entitlements_pb2.ListPlansResponse]  # type: ignore[assignment]
+    """ListPlans lists the catalog's plans, with Dodo's prices when the service has API access."""
+    LinkCustomer: _aio.UnaryUnaryMultiCallable[_entitlements_pb2.LinkCustomerRequest, _entitlements_pb2.LinkCustomerResponse]  # type: ignore[assignment]
+    """LinkCustomer links (or moves) the company's own customer id to a Dodo customer."""
 
 class EntitlementServiceServicer(metaclass=_abc_1.ABCMeta):
     """EntitlementService answers access questions, exposes subscription state, changes plans and meters credits."""
@@ -106,5 +130,53 @@ class EntitlementServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_entitlements_pb2.ListCreditLedgerResponse, _abc.Awaitable[_entitlements_pb2.ListCreditLedgerResponse]]:
         """ListCreditLedger pages a customer's ledger for one credit, newest first."""
+
+    @_abc_1.abstractmethod
+    def CreateCheckout(
+        self,
+        request: _entitlements_pb2.CreateCheckoutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_entitlements_pb2.CreateCheckoutResponse, _abc.Awaitable[_entitlements_pb2.CreateCheckoutResponse]]:
+        """CreateCheckout opens a Dodo checkout session for a cart of catalog products (idempotent per key)."""
+
+    @_abc_1.abstractmethod
+    def CreatePortalSession(
+        self,
+        request: _entitlements_pb2.CreatePortalSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_entitlements_pb2.CreatePortalSessionResponse, _abc.Awaitable[_entitlements_pb2.CreatePortalSessionResponse]]:
+        """CreatePortalSession opens Dodo's customer portal for a customer to manage billing."""
+
+    @_abc_1.abstractmethod
+    def CancelSubscription(
+        self,
+        request: _entitlements_pb2.CancelSubscriptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_entitlements_pb2.CancelSubscriptionResponse, _abc.Awaitable[_entitlements_pb2.CancelSubscriptionResponse]]:
+        """CancelSubscription cancels at period end (by default) or immediately."""
+
+    @_abc_1.abstractmethod
+    def ResumeSubscription(
+        self,
+        request: _entitlements_pb2.ResumeSubscriptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_entitlements_pb2.ResumeSubscriptionResponse, _abc.Awaitable[_entitlements_pb2.ResumeSubscriptionResponse]]:
+        """ResumeSubscription undoes a scheduled cancellation, or resumes a paused subscription."""
+
+    @_abc_1.abstractmethod
+    def ListPlans(
+        self,
+        request: _entitlements_pb2.ListPlansRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_entitlements_pb2.ListPlansResponse, _abc.Awaitable[_entitlements_pb2.ListPlansResponse]]:
+        """ListPlans lists the catalog's plans, with Dodo's prices when the service has API access."""
+
+    @_abc_1.abstractmethod
+    def LinkCustomer(
+        self,
+        request: _entitlements_pb2.LinkCustomerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_entitlements_pb2.LinkCustomerResponse, _abc.Awaitable[_entitlements_pb2.LinkCustomerResponse]]:
+        """LinkCustomer links (or moves) the company's own customer id to a Dodo customer."""
 
 def add_EntitlementServiceServicer_to_server(servicer: EntitlementServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

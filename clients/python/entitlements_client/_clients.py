@@ -1,0 +1,736 @@
+"""The async (`EntitlementsClient`) and blocking (`SyncEntitlementsClient`) clients: the same methods, arguments and
+results; one channel per client, reused by every call (create one per process and share it)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, TypeVar, overload
+
+import grpc
+from google.protobuf.message import Message
+
+from entitlements.v1 import entitlements_pb2 as pb
+from entitlements_client import _rpcs
+from entitlements_client._rpcs import Deadline, Rpc
+from entitlements_client.errors import from_rpc_error
+from entitlements_client.models import (
+    CancelSubscriptionResult,
+    ChangePlanResult,
+    CheckAccessResult,
+    CheckoutItem,
+    CheckoutSession,
+    ConsumeCreditsResult,
+    CreditLedgerEntry,
+    CreditLedgerPage,
+    CustomerLink,
+    EffectiveAt,
+    Plan,
+    PortalSession,
+    ProrationMode,
+    ResumeSubscriptionResult,
+    Subscription,
+)
+from entitlements_client.options import ChannelSpec, RetryPolicy, Tls
+
+__all__ = ["DEFAULT_TIMEOUT", "EntitlementsClient", "SyncEntitlementsClient"]
+
+DEFAULT_TIMEOUT = 5.0
+
+RequestT = TypeVar("RequestT", bound=Message)
+ResultT = TypeVar("ResultT")
+
+
+class _Base:
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None,
+        timeout: float | None,
+        tls: Tls | bool | None,
+        retry: RetryPolicy | None,
+        options: tuple[tuple[str, str | int], ...],
+    ) -> None:
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive (or None for no deadline)")
+        self._spec = ChannelSpec.build(target, token=token, tls=tls, options=options)
+        self._timeout = timeout
+        self._retry = retry or RetryPolicy()
+        self._callables: dict[str, Any] = {}
+
+    @property
+    def target(self) -> str:
+        return self._spec.target
+
+    def _deadline(self, timeout: float | None) -> Deadline:
+        return Deadline(self._timeout if timeout is None else timeout)
+
+    def _attempts(self, rpc: Rpc[RequestT, Any, Any], request: RequestT) -> int:
+        return self._retry.max_attempts if rpc.retry_safe(request) else 1
+
+
+class EntitlementsClient(_Base):
+    """Async client (grpc.aio). Use it as `async with EntitlementsClient(...) as client:` or call `close()`.
+
+    `timeout` is every call's default deadline in seconds (None: none), overridable per call; it bounds all attempts
+    of a call together. `retry` applies to UNAVAILABLE answers of calls that are safe to repeat (reads, previews,
+    LinkCustomer, and writes with an idempotency key); others (CreatePortalSession, a write without a key) are tried
+    once. `tls=True` uses the system's roots, or pass a `Tls`.
+
+    Methods that name a customer take the Dodo `customer_id` (positionally) or, as a keyword, `customer_ref`, the
+    company's own id for the customer: exactly one of the two, else ValueError before anything is sent.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        tls: Tls | bool | None = None,
+        retry: RetryPolicy | None = None,
+        options: tuple[tuple[str, str | int], ...] = (),
+    ) -> None:
+        super().__init__(target, token=token, timeout=timeout, tls=tls, retry=retry, options=options)
+        spec = self._spec
+        self._channel = (
+            grpc.aio.secure_channel(spec.target, spec.credentials, options=spec.options)
+            if spec.credentials is not None
+            else grpc.aio.insecure_channel(spec.target, options=spec.options)
+        )
+
+    async def __aenter__(self) -> EntitlementsClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, rpc: Rpc[RequestT, Any, ResultT], request: RequestT, timeout: float | None) -> ResultT:
+        method = self._callables.get(rpc.name)
+        if method is None:
+            method = self._channel.unary_unary(
+                rpc.path, request_serializer=rpc.serialize, response_deserializer=rpc.deserialize
+            )
+            self._callables[rpc.name] = method
+        deadline = self._deadline(timeout)
+        attempts = self._attempts(rpc, request)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = await method(request, timeout=deadline.remaining(), metadata=self._spec.metadata)
+            except grpc.RpcError as error:
+                failure = from_rpc_error(error)
+                if attempt >= attempts or failure.code != grpc.StatusCode.UNAVAILABLE:
+                    raise failure from error
+                pause = self._retry.backoff(attempt)
+                if not deadline.allows_sleep(pause):
+                    raise failure from error
+                await asyncio.sleep(pause)
+            else:
+                return rpc.convert(response)
+
+    @overload
+    async def check_access(
+        self, customer_id: str, feature: str, *, timeout: float | None = None
+    ) -> CheckAccessResult: ...
+
+    @overload
+    async def check_access(
+        self, *, customer_ref: str, feature: str, timeout: float | None = None
+    ) -> CheckAccessResult: ...
+
+    async def check_access(
+        self,
+        customer_id: str | None = None,
+        feature: str | None = None,
+        *,
+        customer_ref: str | None = None,
+        timeout: float | None = None,
+    ) -> CheckAccessResult:
+        """May the customer use `feature` (a boolean feature, a limit or a credit key) right now? An unlinked
+        `customer_ref` answers NO_SUBSCRIPTION."""
+        request = _rpcs.check_access_request(customer_id, customer_ref, feature)
+        return await self._call(_rpcs.CHECK_ACCESS, request, timeout)
+
+    async def get_subscription(
+        self,
+        *,
+        subscription_id: str | None = None,
+        customer_id: str | None = None,
+        customer_ref: str | None = None,
+        timeout: float | None = None,
+    ) -> Subscription:
+        """One subscription by id, or the customer's most relevant one (granting first, then the newest)."""
+        request = _rpcs.get_subscription_request(subscription_id, customer_id, customer_ref)
+        return await self._call(_rpcs.GET_SUBSCRIPTION, request, timeout)
+
+    @overload
+    async def change_plan(
+        self, request: pb.ChangePlanRequest, /, *, timeout: float | None = None
+    ) -> ChangePlanResult: ...
+
+    @overload
+    async def change_plan(
+        self,
+        subscription_id: str,
+        product_id: str,
+        *,
+        quantity: int = 0,
+        proration_mode: ProrationMode | int = ProrationMode.UNSPECIFIED,
+        effective_at: EffectiveAt | int = EffectiveAt.UNSPECIFIED,
+        idempotency_key: str = "",
+        preview: bool = False,
+        timeout: float | None = None,
+    ) -> ChangePlanResult: ...
+
+    async def change_plan(
+        self,
+        subscription_id: str | pb.ChangePlanRequest,
+        product_id: str = "",
+        *,
+        quantity: int = 0,
+        proration_mode: ProrationMode | int = ProrationMode.UNSPECIFIED,
+        effective_at: EffectiveAt | int = EffectiveAt.UNSPECIFIED,
+        idempotency_key: str = "",
+        preview: bool = False,
+        timeout: float | None = None,
+    ) -> ChangePlanResult:
+        """Move a subscription to `product_id` through Dodo (or, with `preview`, price the change only). A change
+        needs an `idempotency_key`: retrying with the same key never changes the plan twice."""
+        request = (
+            subscription_id
+            if isinstance(subscription_id, pb.ChangePlanRequest)
+            else _rpcs.change_plan_request(
+                subscription_id,
+                product_id,
+                quantity=quantity,
+                proration_mode=proration_mode,
+                effective_at=effective_at,
+                idempotency_key=idempotency_key,
+                preview=preview,
+            )
+        )
+        return await self._call(_rpcs.CHANGE_PLAN, request, timeout)
+
+    @overload
+    async def consume_credits(
+        self,
+        customer_id: str,
+        credit: str,
+        amount: str | Decimal | int,
+        idempotency_key: str,
+        *,
+        description: str = "",
+        metadata: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> ConsumeCreditsResult: ...
+
+    @overload
+    async def consume_credits(
+        self,
+        *,
+        customer_ref: str,
+        credit: str,
+        amount: str | Decimal | int,
+        idempotency_key: str,
+        description: str = "",
+        metadata: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> ConsumeCreditsResult: ...
+
+    async def consume_credits(
+        self,
+        customer_id: str | None = None,
+        credit: str | None = None,
+        amount: str | Decimal | int | None = None,
+        idempotency_key: str | None = None,
+        *,
+        customer_ref: str | None = None,
+        description: str = "",
+        metadata: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> ConsumeCreditsResult:
+        """Burn `amount` of `credit` atomically; the same `idempotency_key` replays the first answer."""
+        request = _rpcs.consume_credits_request(
+            customer_id, customer_ref, credit, amount, idempotency_key, description=description, metadata=metadata
+        )
+        return await self._call(_rpcs.CONSUME_CREDITS, request, timeout)
+
+    @overload
+    async def list_credit_ledger(
+        self, customer_id: str, credit: str, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> CreditLedgerPage: ...
+
+    @overload
+    async def list_credit_ledger(
+        self, *, customer_ref: str, credit: str, page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> CreditLedgerPage: ...
+
+    async def list_credit_ledger(
+        self,
+        customer_id: str | None = None,
+        credit: str | None = None,
+        *,
+        customer_ref: str | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> CreditLedgerPage:
+        """One page of the ledger, newest first (`page_size` 0 = the server's default of 50)."""
+        request = _rpcs.list_credit_ledger_request(
+            customer_id, customer_ref, credit, page_size=page_size, page_token=page_token
+        )
+        return await self._call(_rpcs.LIST_CREDIT_LEDGER, request, timeout)
+
+    @overload
+    def iter_credit_ledger(
+        self, customer_id: str, credit: str, *, page_size: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[CreditLedgerEntry]: ...
+
+    @overload
+    def iter_credit_ledger(
+        self, *, customer_ref: str, credit: str, page_size: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[CreditLedgerEntry]: ...
+
+    async def iter_credit_ledger(
+        self,
+        customer_id: str | None = None,
+        credit: str | None = None,
+        *,
+        customer_ref: str | None = None,
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[CreditLedgerEntry]:
+        """Every entry, newest first, page after page (`timeout` applies to each page)."""
+        token = ""
+        while True:
+            request = _rpcs.list_credit_ledger_request(
+                customer_id, customer_ref, credit, page_size=page_size, page_token=token
+            )
+            page = await self._call(_rpcs.LIST_CREDIT_LEDGER, request, timeout)
+            for entry in page.entries:
+                yield entry
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def create_checkout(
+        self,
+        items: Sequence[CheckoutItem | str],
+        *,
+        idempotency_key: str,
+        customer_id: str | None = None,
+        customer_ref: str | None = None,
+        email: str = "",
+        name: str = "",
+        trial_period_days: int | None = None,
+        return_url: str = "",
+        cancel_url: str = "",
+        discount_code: str = "",
+        metadata: Mapping[str, str] | None = None,
+        allow_additional: bool = False,
+        timeout: float | None = None,
+    ) -> CheckoutSession:
+        """Open a Dodo checkout session for a cart of catalog products (`CheckoutItem`s, or product ids for one of
+        each). The payer is a Dodo `customer_id`, a `customer_ref` (linked once the checkout completes), or neither
+        with an `email` for a new customer. `trial_period_days` None keeps the product's trial (0: none). A customer
+        with an access-granting subscription is refused (ALREADY_SUBSCRIBED) unless `allow_additional`. The same
+        `idempotency_key` and request return the stored session (`replayed`), so retrying is safe."""
+        request = _rpcs.create_checkout_request(
+            items,
+            idempotency_key=idempotency_key,
+            customer_id=customer_id,
+            customer_ref=customer_ref,
+            email=email,
+            name=name,
+            trial_period_days=trial_period_days,
+            return_url=return_url,
+            cancel_url=cancel_url,
+            discount_code=discount_code,
+            metadata=metadata,
+            allow_additional=allow_additional,
+        )
+        return await self._call(_rpcs.CREATE_CHECKOUT, request, timeout)
+
+    @overload
+    async def create_portal_session(
+        self, customer_id: str, *, return_url: str = "", send_email: bool = False, timeout: float | None = None
+    ) -> PortalSession: ...
+
+    @overload
+    async def create_portal_session(
+        self, *, customer_ref: str, return_url: str = "", send_email: bool = False, timeout: float | None = None
+    ) -> PortalSession: ...
+
+    async def create_portal_session(
+        self,
+        customer_id: str | None = None,
+        *,
+        customer_ref: str | None = None,
+        return_url: str = "",
+        send_email: bool = False,
+        timeout: float | None = None,
+    ) -> PortalSession:
+        """A link to Dodo's customer portal for the customer (`send_email`: also mail it to them). Never retried:
+        it has no idempotency key, and a repeat could mail the customer twice."""
+        request = _rpcs.create_portal_session_request(
+            customer_id, customer_ref, return_url=return_url, send_email=send_email
+        )
+        return await self._call(_rpcs.CREATE_PORTAL_SESSION, request, timeout)
+
+    async def cancel_subscription(
+        self,
+        subscription_id: str,
+        *,
+        idempotency_key: str,
+        immediately: bool = False,
+        reason: str = "",
+        timeout: float | None = None,
+    ) -> CancelSubscriptionResult:
+        """Cancel at the end of the current period (access stays until then), or `immediately`. `reason` is kept
+        with the request (one of Dodo's cancel reasons is passed on as such). Retrying with the same
+        `idempotency_key` never cancels twice."""
+        request = _rpcs.cancel_subscription_request(
+            subscription_id, idempotency_key=idempotency_key, immediately=immediately, reason=reason
+        )
+        return await self._call(_rpcs.CANCEL_SUBSCRIPTION, request, timeout)
+
+    async def resume_subscription(
+        self, subscription_id: str, *, idempotency_key: str, timeout: float | None = None
+    ) -> ResumeSubscriptionResult:
+        """Undo a scheduled cancellation, or resume a paused subscription (FAILED_PRECONDITION when there is
+        nothing to resume). Retrying with the same `idempotency_key` is safe."""
+        request = _rpcs.resume_subscription_request(subscription_id, idempotency_key=idempotency_key)
+        return await self._call(_rpcs.RESUME_SUBSCRIPTION, request, timeout)
+
+    async def list_plans(self, *, timeout: float | None = None) -> tuple[Plan, ...]:
+        """The catalog's plans, with Dodo's prices when the service has API access (else `price` is None)."""
+        return await self._call(_rpcs.LIST_PLANS, pb.ListPlansRequest(), timeout)
+
+    async def link_customer(self, customer_ref: str, customer_id: str, *, timeout: float | None = None) -> CustomerLink:
+        """Link the company's own `customer_ref` to the Dodo `customer_id`, moving it if it was linked elsewhere."""
+        request = _rpcs.link_customer_request(customer_ref, customer_id)
+        return await self._call(_rpcs.LINK_CUSTOMER, request, timeout)
+
+
+class SyncEntitlementsClient(_Base):
+    """Blocking client: the same methods as `EntitlementsClient`, for code without an event loop. Thread-safe."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        tls: Tls | bool | None = None,
+        retry: RetryPolicy | None = None,
+        options: tuple[tuple[str, str | int], ...] = (),
+    ) -> None:
+        super().__init__(target, token=token, timeout=timeout, tls=tls, retry=retry, options=options)
+        spec = self._spec
+        self._channel = (
+            grpc.secure_channel(spec.target, spec.credentials, options=spec.options)
+            if spec.credentials is not None
+            else grpc.insecure_channel(spec.target, options=spec.options)
+        )
+
+    def __enter__(self) -> SyncEntitlementsClient:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, rpc: Rpc[RequestT, Any, ResultT], request: RequestT, timeout: float | None) -> ResultT:
+        method = self._callables.get(rpc.name)
+        if method is None:
+            method = self._channel.unary_unary(
+                rpc.path, request_serializer=rpc.serialize, response_deserializer=rpc.deserialize
+            )
+            self._callables[rpc.name] = method
+        deadline = self._deadline(timeout)
+        attempts = self._attempts(rpc, request)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = method(request, timeout=deadline.remaining(), metadata=self._spec.metadata)
+            except grpc.RpcError as error:
+                failure = from_rpc_error(error)
+                if attempt >= attempts or failure.code != grpc.StatusCode.UNAVAILABLE:
+                    raise failure from error
+                pause = self._retry.backoff(attempt)
+                if not deadline.allows_sleep(pause):
+                    raise failure from error
+                time.sleep(pause)
+            else:
+                return rpc.convert(response)
+
+    @overload
+    def check_access(self, customer_id: str, feature: str, *, timeout: float | None = None) -> CheckAccessResult: ...
+
+    @overload
+    def check_access(self, *, customer_ref: str, feature: str, timeout: float | None = None) -> CheckAccessResult: ...
+
+    def check_access(
+        self,
+        customer_id: str | None = None,
+        feature: str | None = None,
+        *,
+        customer_ref: str | None = None,
+        timeout: float | None = None,
+    ) -> CheckAccessResult:
+        """May the customer use `feature` (a boolean feature, a limit or a credit key) right now? An unlinked
+        `customer_ref` answers NO_SUBSCRIPTION."""
+        request = _rpcs.check_access_request(customer_id, customer_ref, feature)
+        return self._call(_rpcs.CHECK_ACCESS, request, timeout)
+
+    def get_subscription(
+        self,
+        *,
+        subscription_id: str | None = None,
+        customer_id: str | None = None,
+        customer_ref: str | None = None,
+        timeout: float | None = None,
+    ) -> Subscription:
+        """One subscription by id, or the customer's most relevant one (granting first, then the newest)."""
+        request = _rpcs.get_subscription_request(subscription_id, customer_id, customer_ref)
+        return self._call(_rpcs.GET_SUBSCRIPTION, request, timeout)
+
+    def change_plan(
+        self,
+        subscription_id: str,
+        product_id: str,
+        *,
+        quantity: int = 0,
+        proration_mode: ProrationMode | int = ProrationMode.UNSPECIFIED,
+        effective_at: EffectiveAt | int = EffectiveAt.UNSPECIFIED,
+        idempotency_key: str = "",
+        preview: bool = False,
+        timeout: float | None = None,
+    ) -> ChangePlanResult:
+        """Move a subscription to `product_id` through Dodo (or, with `preview`, price the change only). A change
+        needs an `idempotency_key`: retrying with the same key never changes the plan twice."""
+        request = _rpcs.change_plan_request(
+            subscription_id,
+            product_id,
+            quantity=quantity,
+            proration_mode=proration_mode,
+            effective_at=effective_at,
+            idempotency_key=idempotency_key,
+            preview=preview,
+        )
+        return self._call(_rpcs.CHANGE_PLAN, request, timeout)
+
+    @overload
+    def consume_credits(
+        self,
+        customer_id: str,
+        credit: str,
+        amount: str | Decimal | int,
+        idempotency_key: str,
+        *,
+        description: str = "",
+        metadata: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> ConsumeCreditsResult: ...
+
+    @overload
+    def consume_credits(
+        self,
+        *,
+        customer_ref: str,
+        credit: str,
+        amount: str | Decimal | int,
+        idempotency_key: str,
+        description: str = "",
+        metadata: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> ConsumeCreditsResult: ...
+
+    def consume_credits(
+        self,
+        customer_id: str | None = None,
+        credit: str | None = None,
+        amount: str | Decimal | int | None = None,
+        idempotency_key: str | None = None,
+        *,
+        customer_ref: str | None = None,
+        description: str = "",
+        metadata: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> ConsumeCreditsResult:
+        """Burn `amount` of `credit` atomically; the same `idempotency_key` replays the first answer."""
+        request = _rpcs.consume_credits_request(
+            customer_id, customer_ref, credit, amount, idempotency_key, description=description, metadata=metadata
+        )
+        return self._call(_rpcs.CONSUME_CREDITS, request, timeout)
+
+    @overload
+    def list_credit_ledger(
+        self, customer_id: str, credit: str, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> CreditLedgerPage: ...
+
+    @overload
+    def list_credit_ledger(
+        self, *, customer_ref: str, credit: str, page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> CreditLedgerPage: ...
+
+    def list_credit_ledger(
+        self,
+        customer_id: str | None = None,
+        credit: str | None = None,
+        *,
+        customer_ref: str | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> CreditLedgerPage:
+        """One page of the ledger, newest first (`page_size` 0 = the server's default of 50)."""
+        request = _rpcs.list_credit_ledger_request(
+            customer_id, customer_ref, credit, page_size=page_size, page_token=page_token
+        )
+        return self._call(_rpcs.LIST_CREDIT_LEDGER, request, timeout)
+
+    @overload
+    def iter_credit_ledger(
+        self, customer_id: str, credit: str, *, page_size: int = 0, timeout: float | None = None
+    ) -> Iterator[CreditLedgerEntry]: ...
+
+    @overload
+    def iter_credit_ledger(
+        self, *, customer_ref: str, credit: str, page_size: int = 0, timeout: float | None = None
+    ) -> Iterator[CreditLedgerEntry]: ...
+
+    def iter_credit_ledger(
+        self,
+        customer_id: str | None = None,
+        credit: str | None = None,
+        *,
+        customer_ref: str | None = None,
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[CreditLedgerEntry]:
+        """Every entry, newest first, page after page (`timeout` applies to each page)."""
+        token = ""
+        while True:
+            request = _rpcs.list_credit_ledger_request(
+                customer_id, customer_ref, credit, page_size=page_size, page_token=token
+            )
+            page = self._call(_rpcs.LIST_CREDIT_LEDGER, request, timeout)
+            yield from page.entries
+            token = page.next_page_token
+            if not token:
+                return
+
+    def create_checkout(
+        self,
+        items: Sequence[CheckoutItem | str],
+        *,
+        idempotency_key: str,
+        customer_id: str | None = None,
+        customer_ref: str | None = None,
+        email: str = "",
+        name: str = "",
+        trial_period_days: int | None = None,
+        return_url: str = "",
+        cancel_url: str = "",
+        discount_code: str = "",
+        metadata: Mapping[str, str] | None = None,
+        allow_additional: bool = False,
+        timeout: float | None = None,
+    ) -> CheckoutSession:
+        """Open a Dodo checkout session for a cart of catalog products (`CheckoutItem`s, or product ids for one of
+        each). The payer is a Dodo `customer_id`, a `customer_ref` (linked once the checkout completes), or neither
+        with an `email` for a new customer. `trial_period_days` None keeps the product's trial (0: none). A customer
+        with an access-granting subscription is refused (ALREADY_SUBSCRIBED) unless `allow_additional`. The same
+        `idempotency_key` and request return the stored session (`replayed`), so retrying is safe."""
+        request = _rpcs.create_checkout_request(
+            items,
+            idempotency_key=idempotency_key,
+            customer_id=customer_id,
+            customer_ref=customer_ref,
+            email=email,
+            name=name,
+            trial_period_days=trial_period_days,
+            return_url=return_url,
+            cancel_url=cancel_url,
+            discount_code=discount_code,
+            metadata=metadata,
+            allow_additional=allow_additional,
+        )
+        return self._call(_rpcs.CREATE_CHECKOUT, request, timeout)
+
+    @overload
+    def create_portal_session(
+        self, customer_id: str, *, return_url: str = "", send_email: bool = False, timeout: float | None = None
+    ) -> PortalSession: ...
+
+    @overload
+    def create_portal_session(
+        self, *, customer_ref: str, return_url: str = "", send_email: bool = False, timeout: float | None = None
+    ) -> PortalSession: ...
+
+    def create_portal_session(
+        self,
+        customer_id: str | None = None,
+        *,
+        customer_ref: str | None = None,
+        return_url: str = "",
+        send_email: bool = False,
+        timeout: float | None = None,
+    ) -> PortalSession:
+        """A link to Dodo's customer portal for the customer (`send_email`: also mail it to them). Never retried:
+        it has no idempotency key, and a repeat could mail the customer twice."""
+        request = _rpcs.create_portal_session_request(
+            customer_id, customer_ref, return_url=return_url, send_email=send_email
+        )
+        return self._call(_rpcs.CREATE_PORTAL_SESSION, request, timeout)
+
+    def cancel_subscription(
+        self,
+        subscription_id: str,
+        *,
+        idempotency_key: str,
+        immediately: bool = False,
+        reason: str = "",
+        timeout: float | None = None,
+    ) -> CancelSubscriptionResult:
+        """Cancel at the end of the current period (access stays until then), or `immediately`. `reason` is kept
+        with the request (one of Dodo's cancel reasons is passed on as such). Retrying with the same
+        `idempotency_key` never cancels twice."""
+        request = _rpcs.cancel_subscription_request(
+            subscription_id, idempotency_key=idempotency_key, immediately=immediately, reason=reason
+        )
+        return self._call(_rpcs.CANCEL_SUBSCRIPTION, request, timeout)
+
+    def resume_subscription(
+        self, subscription_id: str, *, idempotency_key: str, timeout: float | None = None
+    ) -> ResumeSubscriptionResult:
+        """Undo a scheduled cancellation, or resume a paused subscription (FAILED_PRECONDITION when there is
+        nothing to resume). Retrying with the same `idempotency_key` is safe."""
+        request = _rpcs.resume_subscription_request(subscription_id, idempotency_key=idempotency_key)
+        return self._call(_rpcs.RESUME_SUBSCRIPTION, request, timeout)
+
+    def list_plans(self, *, timeout: float | None = None) -> tuple[Plan, ...]:
+        """The catalog's plans, with Dodo's prices when the service has API access (else `price` is None)."""
+        return self._call(_rpcs.LIST_PLANS, pb.ListPlansRequest(), timeout)
+
+    def link_customer(self, customer_ref: str, customer_id: str, *, timeout: float | None = None) -> CustomerLink:
+        """Link the company's own `customer_ref` to the Dodo `customer_id`, moving it if it was linked elsewhere."""
+        request = _rpcs.link_customer_request(customer_ref, customer_id)
+        return self._call(_rpcs.LINK_CUSTOMER, request, timeout)

@@ -1,0 +1,180 @@
+"""What the Python client tests share: a real grpc.aio server standing in front of the live service that answers
+UNAVAILABLE (or stalls) when told to and otherwise forwards every call byte for byte, fixture subscriptions (one the
+service knows by webhook, one both it and the fake Dodo know), and a small PKI for TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from entitlements.v1 import entitlements_pb2 as pb
+
+from tests.fakedodo import FakeDodo
+from tests.support import FakeClock, WebhookPoster, deliver, iso, load_event
+
+SERVICE = pb.DESCRIPTOR.services_by_name["EntitlementService"]
+# Every RPC the contract declares: each needs an `Rpc` in entitlements_client/_rpcs.py, a method on both clients
+# and a CLI subcommand (the coverage tests fail for one that has not).
+METHODS = tuple(method.name for method in SERVICE.methods)
+BUSINESS_ID = "bus_0NmY7fQz4kR2sT8vW1xJa"
+
+
+Handler = Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[bytes]]
+
+
+@dataclass
+class Flaky:
+    """Per method: how many attempts arrived; the first `fail_first` of each are answered with `code`. `stall`
+    seconds pass before any answer (to outlast a caller's deadline)."""
+
+    port: int
+    fail_first: int = 0
+    code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
+    stall: float = 0.0
+    attempts: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@asynccontextmanager
+async def flaky_front(upstream: str) -> AsyncIterator[Flaky]:
+    """A grpc.aio server on its own port, in front of the service at `upstream` (a real UNAVAILABLE on the wire)."""
+    server = grpc.aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    flaky = Flaky(port)
+    async with grpc.aio.insecure_channel(upstream) as channel:
+
+        def forwarding(name: str) -> Handler:
+            upstream_method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                f"/{SERVICE.full_name}/{name}"
+            )
+
+            async def handle(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+                flaky.attempts[name] += 1
+                if flaky.stall:
+                    await asyncio.sleep(flaky.stall)
+                if flaky.attempts[name] <= flaky.fail_first:
+                    await context.abort(
+                        flaky.code, f"{flaky.code.name.lower()} (test front, attempt {flaky.attempts[name]})"
+                    )
+                passed = tuple(
+                    (key, value) for key, value in context.invocation_metadata() or () if key == "authorization"
+                )
+                try:
+                    answer: bytes = await upstream_method(request, metadata=passed, timeout=10)
+                except grpc.aio.AioRpcError as error:
+                    await context.abort(error.code(), error.details() or "", tuple(error.trailing_metadata() or ()))
+                return answer
+
+            return handle
+
+        handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
+            name: grpc.unary_unary_rpc_method_handler(forwarding(name)) for name in METHODS
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+        await server.start()
+        try:
+            yield flaky
+        finally:
+            await server.stop(0)
+
+
+async def pro_customer(webhooks: WebhookPoster) -> None:
+    """The fixture customer on Pro (active, 10000 ai_tokens this period at the test clock's default "now")."""
+    await deliver(webhooks, load_event("subscription_active"))
+
+
+async def known_subscription(
+    fake_dodo: FakeDodo, webhooks: WebhookPoster, clock: FakeClock, **fields: Any
+) -> dict[str, Any]:
+    """A subscription the fake Dodo holds (`fields` as for `add_subscription`) and the service has applied from
+    its signed `subscription.active`: what CancelSubscription and ResumeSubscription need."""
+    sub = fake_dodo.add_subscription(**fields)
+    event = {
+        "business_id": BUSINESS_ID,
+        "type": "subscription.active",
+        "timestamp": iso(clock.now - datetime.timedelta(seconds=5)),
+        "data": sub,
+    }
+    await deliver(webhooks, event)
+    return sub
+
+
+# --- TLS -----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Issued:
+    key: ec.EllipticCurvePrivateKey
+    certificate: x509.Certificate
+    key_path: Path
+    cert_path: Path
+
+
+def issue(folder: Path, name: str, *, issuer: Issued | None, server: bool = False, client: bool = False) -> Issued:
+    """A key and certificate: a self-signed CA without `issuer`, else a leaf for 127.0.0.1/localhost it signs."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.certificate.subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    if client:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    certificate = builder.sign(issuer.key if issuer else key, hashes.SHA256())
+    key_path, cert_path = folder / f"{name}.key", folder / f"{name}.crt"
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return Issued(key, certificate, key_path, cert_path)
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Issued
+    server: Issued
+    client: Issued
+
+    def server_env(self) -> dict[str, str]:
+        """Settings for a server that speaks TLS and requires client certificates this CA signed (mTLS)."""
+        return {
+            "ENTITLEMENTS_TLS_CERT": str(self.server.cert_path),
+            "ENTITLEMENTS_TLS_KEY": str(self.server.key_path),
+            "ENTITLEMENTS_TLS_CLIENT_CA": str(self.ca.cert_path),
+        }
+
+
+def make_pki(folder: Path) -> Pki:
+    ca = issue(folder, "client-test-ca", issuer=None)
+    return Pki(
+        ca=ca,
+        server=issue(folder, "server", issuer=ca, server=True),
+        client=issue(folder, "client", issuer=ca, client=True),
+    )
