@@ -60,3 +60,5 @@ def configure(level: int | str = logging.INFO, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else EventFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    # Alembic announces every plugin it loads at INFO on each start (the schema check reads its scripts): noise.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

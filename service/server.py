@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import grpc
 from aiohttp import web
@@ -22,6 +23,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from service.app.background import BackgroundTasks
 from service.app.change_feed import ChangeFeed
+from service.app.charges import Charges
 from service.app.checkouts import Checkouts
 from service.app.credit_service import CreditService
 from service.app.customers import Customers
@@ -36,6 +38,8 @@ from service.app.readiness import Readiness
 from service.app.reconciler import RateLimiter, reconcile_forever
 from service.app.subscription_lifecycle import SubscriptionLifecycle
 from service.app.subscription_mutations import SubscriptionMutations
+from service.app.usage import Usage
+from service.app.usage_sender import UsageSender
 from service.app.webhook_ingest import WebhookIngest
 from service.domain.catalog import Catalog, load_catalog
 from service.domain.clock import Clock, utc_now
@@ -146,6 +150,25 @@ async def start(
         mutations = SubscriptionMutations(db, catalog, clock, dodo, reader, changes)
         listing = PlanListing(catalog, dodo, refresh_interval=settings.plan_prices_refresh_seconds)
         listing.start(tasks)
+        usage = Usage(db, catalog, clock, customers)
+        UsageSender(
+            db,
+            dodo,
+            clock,
+            wake=usage.recorded,
+            limiter=RateLimiter(settings.usage_rate_per_minute),
+            metrics=metrics,
+            poll_interval=settings.usage_poll_seconds,
+            # Longer than any one request to Dodo can take, so a live sender's claim is never taken over.
+            lease=timedelta(seconds=max(60.0, 3 * settings.dodo_timeout_seconds)),
+        ).start(tasks)
+        charges = Charges(
+            db,
+            dodo,
+            lease=timedelta(seconds=settings.charge_lease_seconds),
+            resolve_interval=settings.charge_resolve_interval_seconds,
+        )
+        charges.start(tasks)
         use = UseCases(
             reader=reader,
             credits=credit_service,
@@ -155,6 +178,8 @@ async def start(
             portal=PortalSessions(db, dodo, customers),
             lifecycle=SubscriptionLifecycle(mutations),
             listing=listing,
+            usage=usage,
+            charges=charges,
         )
         if settings.reconcile_interval_seconds > 0:
             loop = reconcile_forever(

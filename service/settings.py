@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     reconcile_recheck_minutes: float = Field(60.0, alias="ENTITLEMENTS_RECONCILE_RECHECK_MINUTES", ge=0)
     customer_ref_key: str = Field("customer_ref", alias="ENTITLEMENTS_CUSTOMER_REF_KEY", min_length=1, max_length=40)
     plan_prices_refresh_seconds: float = Field(300.0, alias="ENTITLEMENTS_PLAN_PRICES_REFRESH_SECONDS", gt=0)
+    # The usage sender's share of Dodo's account-wide 240 requests/min (per process), and its idle poll.
+    usage_rate_per_minute: int = Field(120, alias="ENTITLEMENTS_USAGE_RATE_PER_MINUTE", ge=1)
+    usage_poll_seconds: float = Field(1.0, alias="ENTITLEMENTS_USAGE_POLL_SECONDS", gt=0)
+    # CreateCharge: how long a sent charge may still land at Dodo (above the Dodo timeout), and how often the
+    # background resolver looks at charges whose answer was lost (0 = only when the caller retries).
+    charge_lease_seconds: float = Field(60.0, alias="ENTITLEMENTS_CHARGE_LEASE_SECONDS", gt=0)
+    charge_resolve_interval_seconds: float = Field(30.0, alias="ENTITLEMENTS_CHARGE_RESOLVE_INTERVAL_SECONDS", ge=0)
     log_format: Literal["text", "json"] = Field("text", alias="ENTITLEMENTS_LOG_FORMAT")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="ENTITLEMENTS_LOG_LEVEL")
     # Traces go out over OTLP/gRPC when this is set (OpenTelemetry's own variables configure the rest).

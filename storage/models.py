@@ -16,6 +16,7 @@ from sqlalchemy import (
     MetaData,
     Numeric,
     Text,
+    UniqueConstraint,
     func,
     text,
 )
@@ -227,6 +228,91 @@ class CheckoutSessionRecord(Base):
     customer_ref: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class UsageEvent(Base):
+    """The usage outbox (RecordUsage): durable before the caller's answer, unique per (customer, event id), sent to
+    Dodo's /events/ingest by the usage sender. `status`: pending | delivered | rejected (Dodo said no: 400/422) |
+    expired (not deliverable within Dodo's 1 h window)."""
+
+    __tablename__ = "usage_events"
+    __table_args__ = (
+        Index("ix_usage_events_pending", "occurred_at", postgresql_where=text("status = 'pending'")),
+        Index("ix_usage_events_customer_name_time", "customer_id", "event_name", "occurred_at"),
+        UniqueConstraint("customer_id", "event_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    customer_id: Mapped[str] = mapped_column(Text)
+    event_id: Mapped[str] = mapped_column(Text)
+    event_name: Mapped[str] = mapped_column(Text)
+    occurred_at: Mapped[datetime] = mapped_column(Timestamp)
+    properties: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict, server_default=text("'{}'::jsonb"))
+    status: Mapped[str] = mapped_column(Text, default="pending", server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    recorded_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    sent_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class ChargeRecord(Base):
+    """One on-demand charge (CreateCharge): the intent row is written before Dodo is asked, so a lost answer is
+    resolved from Dodo's payments (matching our charge_id in their metadata) before anything is sent again.
+    `status`: sending | pending | succeeded | failed | unknown."""
+
+    __tablename__ = "charges"
+    __table_args__ = (UniqueConstraint("caller", "idempotency_key"),)
+
+    charge_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    caller: Mapped[str] = mapped_column(Text, server_default="")
+    idempotency_key: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(Text)
+    subscription_id: Mapped[str] = mapped_column(Text, index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(Text, server_default="")
+    description: Mapped[str] = mapped_column(Text, server_default="")
+    metadata_: Mapped[dict[str, Any]] = mapped_column(
+        "metadata", JSONB, default=dict, server_default=text("'{}'::jsonb")
+    )
+    status: Mapped[str] = mapped_column(Text)
+    payment_id: Mapped[str | None] = mapped_column(Text, index=True)
+    error_code: Mapped[str | None] = mapped_column(Text)
+    error_message: Mapped[str | None] = mapped_column(Text)
+    lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class CreditMirrorBatch(Base):
+    """Our consumptions of a Dodo-linked credit, summed per (customer, credit) into batches that are sent to
+    Dodo's ledger as one debit each (the batch id as idempotency key). `status`: open (consumptions still add
+    to it) | sending | sent (Dodo's entry id known) | unknown (answer lost: resolved from Dodo's ledger) | debt
+    (Dodo refused it: retried after the next credit)."""
+
+    __tablename__ = "credit_mirror_batches"
+    __table_args__ = (
+        Index(
+            "uq_credit_mirror_batches_open",
+            "customer_id",
+            "credit",
+            unique=True,
+            postgresql_where=text("status = 'open'"),
+        ),
+    )
+
+    batch_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    customer_id: Mapped[str] = mapped_column(Text)
+    credit: Mapped[str] = mapped_column(Text)
+    credit_entitlement_id: Mapped[str] = mapped_column(Text)
+    amount: Mapped[Decimal] = mapped_column(Numeric, default=Decimal(0), server_default="0")
+    status: Mapped[str] = mapped_column(Text, default="open", server_default="open")
+    dodo_entry_id: Mapped[str | None] = mapped_column(Text, unique=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    closed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    sent_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
 
 class EntitlementChange(Base):

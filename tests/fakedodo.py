@@ -2,7 +2,8 @@
 
 It speaks the real paths, request bodies, response shapes and error bodies (`{"code", "message"}`) of the
 endpoints the service uses (DESIGN §8): subscriptions (read, change-plan and its preview, PATCH), checkout
-sessions, customer-portal sessions and the product list. It keeps its state in plain dicts that tests read and edit,
+sessions, customer-portal sessions, the product list, on-demand charges and the payment list. It keeps its state
+in plain dicts that tests read and edit,
 records every request it receives, and can be told to fail in the ways production will: error statuses, hangs
 longer than the client's timeout, added latency, "applied the change, then lost the answer", and "applied the
 change, then answered the read-back with garbage".
@@ -118,6 +119,17 @@ MAX_CART_ITEMS = 20
 MAX_DISCOUNT_CODES = 20
 MAX_METADATA_KEYS = 50
 MAX_PAGE_SIZE = 100
+MAX_INGEST_EVENTS = 1000
+CHARGE_FIELDS = frozenset(
+    {
+        "product_price",
+        "product_currency",
+        "product_description",
+        "metadata",
+        "adaptive_currency_fees_inclusive",
+        "customer_balance_config",
+    }
+)
 _JSON_BODY = web.RequestKey("json_body", object)
 
 
@@ -198,6 +210,8 @@ class FakeDodo:
     - `portal_sessions`: every portal session created, `{"customer_id", "link", "return_url", "send_email"}`.
     - `product_overrides`: product id → fields merged over its generated `GET /products` item (e.g. a
       `price_detail` of another type, or a `name`); `product_names` names them.
+    - `ingested`: usage events taken by `POST /events/ingest`, by `event_id` (the first write wins; an id seen
+      before is ignored, as Dodo does). `customer_id` must be one of `known_customers()`.
     - `requests`: every request received, in order, including unauthenticated and failed ones.
     - `latency`: seconds every request waits before being handled.
     - `hang_seconds`: how long `timeout_next` rules sleep; keep it above the client timeout.
@@ -221,6 +235,9 @@ class FakeDodo:
         self.customers: set[str] = set()
         self.checkout_sessions: dict[str, dict[str, Any]] = {}
         self.portal_sessions: list[dict[str, Any]] = []
+        self.ingested: dict[str, dict[str, Any]] = {}
+        # On-demand charges: payment id -> the Payment JSON (GET /payments items and payment.* webhook data).
+        self.payments: dict[str, dict[str, Any]] = {}
         self.product_overrides: dict[str, dict[str, Any]] = {}
         self.requests: list[RecordedRequest] = []
         self.latency: float = 0.0
@@ -506,6 +523,9 @@ class FakeDodo:
         app.router.add_post("/checkouts", self._create_checkout)
         app.router.add_post("/customers/{customer_id}/customer-portal/session", self._create_portal_session)
         app.router.add_get("/products", self._list_products)
+        app.router.add_post("/events/ingest", self._ingest_events)
+        app.router.add_post("/subscriptions/{subscription_id}/charge", self._charge_subscription)
+        app.router.add_get("/payments", self._list_payments)
         return app
 
     @web.middleware
@@ -648,6 +668,159 @@ class FakeDodo:
         ids = list(self.products)
         start = page_number * page_size
         return web.json_response({"items": [self.product_item(pid) for pid in ids[start : start + page_size]]})
+
+    # ------------------------------------------------------------------ on-demand charges and payments
+
+    async def _charge_subscription(self, request: web.Request) -> web.StreamResponse:
+        """POST /subscriptions/{id}/charge: a payment in `processing`, its outcome later (`settle_payment`)."""
+        sub = self._subscription_or_404(request)
+        body = request[_JSON_BODY]
+        if not isinstance(body, dict):
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "Expected a JSON object body")
+        unknown = sorted(body.keys() - CHARGE_FIELDS)
+        if unknown:
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", f"unknown charge fields {unknown}")
+        price = body.get("product_price")
+        if not isinstance(price, int) or isinstance(price, bool) or price <= 0:
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "product_price must be a positive integer")
+        currency = body.get("product_currency")
+        if currency is not None and not (isinstance(currency, str) and len(currency) == 3 and currency.isupper()):
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "product_currency must be an ISO 4217 code")
+        description = body.get("product_description")
+        if description is not None and not isinstance(description, str):
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "product_description must be a string")
+        metadata = body.get("metadata")
+        if metadata is not None and (
+            not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+        ):
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "metadata must map strings to strings")
+        if metadata is not None and len(metadata) > MAX_METADATA_KEYS:
+            raise FakeDodoError(422, "MAXIMUM_KEYS_REACHED", f"metadata holds more than {MAX_METADATA_KEYS} keys")
+        if sub["status"] != "active":
+            raise FakeDodoError(422, "SUBSCRIPTION_INACTIVE", f"Subscription {sub['subscription_id']} is not active")
+        payment_id = _new_id("pay")
+        self.payments[payment_id] = {
+            "payload_type": "Payment",
+            "payment_id": payment_id,
+            "business_id": "bus_0NmY7fQz4kR2sT8vW1xJa",
+            "brand_id": sub.get("brand_id", ""),
+            "status": "processing",
+            "charge_type": "on_demand",
+            "subscription_id": sub["subscription_id"],
+            "subscription_ids": [sub["subscription_id"]],
+            "customer": {
+                key: sub["customer"].get(key) for key in ("customer_id", "email", "name", "phone_number", "metadata")
+            },
+            "metadata": copy.deepcopy(metadata if metadata is not None else sub.get("metadata") or {}),
+            "total_amount": price,
+            "currency": currency or sub.get("currency", "USD"),
+            "product_description": description,
+            "error_code": None,
+            "error_message": None,
+            "created_at": _iso(self.now()),
+            "digital_products_delivered": False,
+            "has_license_key": False,
+            "includes_usage": False,
+            "is_multi_subscription": False,
+            "payment_provider": "stripe",
+            "retry_attempt": 0,
+            "service_periods": [],
+        }
+        return web.json_response({"payment_id": payment_id})
+
+    async def _list_payments(self, request: web.Request) -> web.StreamResponse:
+        try:
+            page_number = int(request.query.get("page_number", "0"))
+            page_size = int(request.query.get("page_size", "10"))
+        except ValueError:
+            raise FakeDodoError(422, "INVALID_QUERY", "page_number and page_size must be integers") from None
+        if page_number < 0 or not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise FakeDodoError(422, "INVALID_QUERY", f"page_size must be 1 to {MAX_PAGE_SIZE}, page_number >= 0")
+        gte = request.query.get("created_at_gte")
+        since = _parse_dt(gte.replace("Z", "+00:00")) if gte else None
+        subscription_id = request.query.get("subscription_id")
+        matching = [
+            payment
+            for payment in self.payments.values()
+            if (subscription_id is None or payment["subscription_id"] == subscription_id)
+            and (since is None or _parse_dt(payment["created_at"].replace("Z", "+00:00")) >= since)
+        ]
+        # Newest first, as Dodo lists them.
+        matching.sort(key=lambda payment: payment["created_at"], reverse=True)
+        start = page_number * page_size
+        return web.json_response({"items": [copy.deepcopy(p) for p in matching[start : start + page_size]]})
+
+    def charges_of(self, subscription_id: str) -> list[dict[str, Any]]:
+        """The payments the charge endpoint created for a subscription."""
+        return [p for p in self.payments.values() if p["subscription_id"] == subscription_id]
+
+    def settle_payment(
+        self,
+        payment_id: str,
+        status: str = "succeeded",
+        *,
+        error_code: str | None = None,
+        error_message: str | None = None,
+    ) -> dict[str, Any]:
+        """Give a payment its outcome (`succeeded`, `failed`, `cancelled`, `processing`) and return the webhook
+        body Dodo would send for it (`payment.<status>`), for the test to sign and post."""
+        payment = self.payments[payment_id]
+        payment["status"] = status
+        if status == "failed":
+            payment["error_code"] = error_code or "CARD_DECLINED"
+            payment["error_message"] = error_message or "Your card was declined."
+        return {
+            "business_id": payment["business_id"],
+            "type": f"payment.{status}",
+            "timestamp": _iso(self.now()),
+            "data": copy.deepcopy(payment),
+        }
+
+    async def _ingest_events(self, request: web.Request) -> web.StreamResponse:
+        """Dodo's rules: 1–1000 events; one bad event (a duplicate id inside the request, a timestamp older than
+        1 h or more than 5 min ahead, an unknown customer, a non-flat metadata) fails the whole request with 400;
+        ids already ingested are ignored; `ingested_count` counts the new ones."""
+        body = request[_JSON_BODY]
+        events = body.get("events") if isinstance(body, dict) else None
+        if not isinstance(events, list) or not 1 <= len(events) <= MAX_INGEST_EVENTS:
+            raise FakeDodoError(400, "INVALID_REQUEST_BODY", f"events must be a list of 1 to {MAX_INGEST_EVENTS}")
+        now = self.now()
+        seen: set[str] = set()
+        known = self.known_customers()
+        for index, event in enumerate(events):
+            where = f"events[{index}]"
+            if not isinstance(event, dict):
+                raise FakeDodoError(400, "INVALID_REQUEST_BODY", f"{where} must be an object")
+            for key in ("event_id", "customer_id", "event_name"):
+                if not isinstance(event.get(key), str) or not event[key]:
+                    raise FakeDodoError(400, "INVALID_REQUEST_BODY", f"{where}.{key} is required")
+            if event["event_id"] in seen:
+                raise FakeDodoError(400, "DUPLICATE_EVENT_ID", f"Duplicate event_id {event['event_id']} in request")
+            seen.add(event["event_id"])
+            if event["customer_id"] not in known:
+                raise FakeDodoError(400, "CUSTOMER_NOT_FOUND", f"Customer {event['customer_id']} not found")
+            stamp = event.get("timestamp")
+            if stamp is not None:
+                try:
+                    at = _parse_dt(str(stamp).replace("Z", "+00:00"))
+                except ValueError:
+                    raise FakeDodoError(400, "INVALID_REQUEST_BODY", f"{where}.timestamp is not ISO 8601") from None
+                if at.tzinfo is None or at < now - timedelta(hours=1) or at > now + timedelta(minutes=5):
+                    raise FakeDodoError(
+                        400, "INVALID_TIMESTAMP", f"{where}.timestamp is older than 1 hour or more than 5 minutes ahead"
+                    )
+            metadata = event.get("metadata") or {}
+            if not isinstance(metadata, dict) or len(metadata) > MAX_METADATA_KEYS:
+                raise FakeDodoError(400, "MAXIMUM_KEYS_REACHED", f"{where}.metadata: at most {MAX_METADATA_KEYS} keys")
+            for key, value in metadata.items():
+                if len(key) > 100 or not isinstance(value, str | int | float | bool) or len(str(value)) > 500:
+                    raise FakeDodoError(400, "INVALID_REQUEST_BODY", f"{where}.metadata[{key!r}] is not allowed")
+        count = 0
+        for event in events:
+            if event["event_id"] not in self.ingested:
+                self.ingested[event["event_id"]] = copy.deepcopy(event)
+                count += 1
+        return web.json_response({"ingested_count": count})
 
     # ------------------------------------------------------------------ PATCH and checkout semantics
 

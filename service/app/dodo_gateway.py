@@ -24,12 +24,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar, cast
 
 import dodopayments
 import httpx
 from dodopayments.types.attach_addon_param import AttachAddonParam
 from dodopayments.types.customer_request_param import CustomerRequestParam
+from dodopayments.types.event_input_param import EventInputParam
 from dodopayments.types.metadata_param import MetadataParam
 from dodopayments.types.product_item_req_param import ProductItemReqParam
 
@@ -85,6 +86,26 @@ class PlanChangePreview:
     currency: str
     new_plan: DodoSubscription
     """The subscription as it would be after the change."""
+
+
+PAYMENTS_PAGE_SIZE = 100
+"""Dodo's documented maximum page size for GET /payments."""
+PAYMENTS_MAX_PAGES = 20
+
+
+@dataclass(frozen=True, slots=True)
+class DodoPayment:
+    """The fields of one GET /payments item (the SDK's PaymentListResponse) that resolve a charge."""
+
+    payment_id: str
+    status: str
+    """Dodo's IntentStatus (succeeded, failed, cancelled, processing, requires_*, ...); "" when absent."""
+    metadata: dict[str, str]
+    subscription_id: str
+    total_amount: int | None
+    currency: str
+    error_code: str | None
+    error_message: str | None
 
 
 class DodoGateway:
@@ -374,6 +395,81 @@ class DodoGateway:
                 )
         return list(products.values())
 
+    async def charge_subscription(
+        self, subscription_id: str, *, amount: int, currency: str, description: str, metadata: Mapping[str, str]
+    ) -> str:
+        """POST /subscriptions/{id}/charge, sent exactly once (the endpoint has no idempotency at all): after
+        `DodoUnavailable` with `outcome_unknown` a payment may exist, found by our id in `metadata`. Dodo's
+        payment_id. An unknown subscription is `SubscriptionNotFound`; any other refusal `DodoRefused` (code)."""
+        client = self._client(self._writer, "charge_subscription")
+        facts = _sub(subscription_id)
+        dodo_metadata: MetadataParam = dict(metadata.items())
+        with self._translate("charge_subscription", not_found=_no_subscription(subscription_id), **facts):
+            raw = await client.subscriptions.with_raw_response.charge(
+                subscription_id,
+                product_price=amount,
+                product_currency=cast(Any, currency) if currency else dodopayments.omit,
+                product_description=description or dodopayments.omit,
+                metadata=dodo_metadata,
+            )
+            data = await self._json(raw, "charge_subscription", facts)
+        payment_id = _text(data, "payment_id")
+        if payment_id is None:
+            log.warning("dodo.unreadable", extra={"operation": "charge_subscription", **facts, "why": "no payment"})
+            raise DodoUnavailable("Dodo returned an unreadable charge answer", status=raw.status_code)
+        log.info("dodo.charge_created", extra={"operation": "charge_subscription", **facts, "payment_id": payment_id})
+        return payment_id
+
+    async def list_payments(
+        self, subscription_id: str, created_after: datetime | None = None, *, max_pages: int = PAYMENTS_MAX_PAGES
+    ) -> list[DodoPayment]:
+        """The subscription's payments (GET /payments?subscription_id=&created_at_gte=), every page up to
+        `max_pages`, through the retrying reader. An unreadable page fails the whole list (`DodoUnavailable`):
+        what it held is unknown, and a charge must never be resent on a partial list."""
+        client = self._client(self._reader, "list_payments")
+        facts = _sub(subscription_id)
+        payments: dict[str, DodoPayment] = {}
+        with self._translate("list_payments", not_found=None, **facts):
+            for page_number in range(max_pages):
+                raw = await client.payments.with_raw_response.list(
+                    subscription_id=subscription_id,
+                    created_at_gte=created_after if created_after is not None else dodopayments.omit,
+                    page_number=page_number,
+                    page_size=PAYMENTS_PAGE_SIZE,
+                )
+                data = await self._json(raw, "list_payments", facts, outcome_unknown=False)
+                items = data.get("items") if isinstance(data, dict) else None
+                if not isinstance(items, list):
+                    log.warning("dodo.unreadable", extra={"operation": "list_payments", **facts, "why": "no items"})
+                    raise DodoUnavailable(
+                        "Dodo returned an unreadable payment list", status=raw.status_code, outcome_unknown=False
+                    )
+                for item in items:
+                    payment = _read_payment(item)
+                    if payment is None:
+                        raise DodoUnavailable(
+                            "Dodo returned an unreadable payment", status=raw.status_code, outcome_unknown=False
+                        )
+                    payments.setdefault(payment.payment_id, payment)
+                if len(items) < PAYMENTS_PAGE_SIZE:
+                    return list(payments.values())
+        raise DodoUnavailable("too many payments to search", outcome_unknown=False)
+
+    async def ingest_events(self, events: Sequence[EventInputParam]) -> int:
+        """POST /events/ingest (1–1000 events, ids distinct), sent once: the usage sender retries by itself, and
+        Dodo ignores an `event_id` it has already ingested, so a resend after a lost answer changes nothing.
+        Dodo's `ingested_count` (how many it took; whether ids it ignored count is unverified)."""
+        client = self._client(self._writer, "ingest_events")
+        facts = {"events": str(len(events))}
+        with self._translate("ingest_events", events=facts["events"]):
+            raw = await client.usage_events.with_raw_response.ingest(events=events)
+            data = await self._json(raw, "ingest_events", facts)
+        count = _whole(data.get("ingested_count") if isinstance(data, dict) else None)
+        if count is None:
+            log.warning("dodo.unreadable", extra={"operation": "ingest_events", **facts, "why": "no ingested_count"})
+            raise DodoUnavailable("Dodo returned an unreadable ingest answer", status=raw.status_code)
+        return count
+
     async def _json(
         self, raw: Any, operation: str, facts: Mapping[str, str], *, outcome_unknown: bool = True
     ) -> object:
@@ -597,4 +693,26 @@ def _read_product(item: object) -> tuple[DodoProduct | None, str]:
             payment_frequency_interval=interval,
         ),
         "",
+    )
+
+
+def _read_payment(item: object) -> DodoPayment | None:
+    if not isinstance(item, dict):
+        return None
+    payment_id = _text(item, "payment_id")
+    if payment_id is None:
+        return None
+    raw_metadata = item.get("metadata")
+    metadata = (
+        {str(k): v for k, v in raw_metadata.items() if isinstance(v, str)} if isinstance(raw_metadata, dict) else {}
+    )
+    return DodoPayment(
+        payment_id=payment_id,
+        status=_text(item, "status") or "",
+        metadata=metadata,
+        subscription_id=_text(item, "subscription_id") or "",
+        total_amount=_whole(item.get("total_amount")),
+        currency=_text(item, "currency") or "",
+        error_code=_text(item, "error_code"),
+        error_message=_text(item, "error_message"),
     )

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import asyncpg
 
 from service.app.change_feed import ChangeFeed
+from service.app.charges import apply_payment_webhook
 from service.app.credit_grants import apply_dodo_ledger_entry
 from service.app.customers import LinkedBy, link_ref
 from service.app.metrics import Metrics
@@ -157,4 +158,7 @@ async def _handle(
         outcome = Outcome(await apply_dodo_ledger_entry(connection, catalog, content))
         changed = (content.customer_id,) if outcome is Outcome.APPLIED else ()
         return outcome, content.entry_id, changed
+    if event.type.startswith("payment.") and await apply_payment_webhook(connection, event.type, event.data):
+        # One of our on-demand charges moved (service/app/charges.py).
+        return Outcome.APPLIED, content.subject_id, ()
     return content.outcome, content.subject_id, ()

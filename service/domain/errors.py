@@ -171,6 +171,13 @@ class CustomerHasNoSubscription(NotFound):
         super().__init__(f"customer {quote(customer_id)} has no subscription")
 
 
+class ChargeNotFound(NotFound):
+    """CreateCharge/GetCharge: no charge of this caller has that charge_id or idempotency key."""
+
+    def __init__(self, selector: str) -> None:
+        super().__init__(f"charge {quote(selector)} not found")
+
+
 # --- preconditions ---------------------------------------------------------------------------------------------
 
 

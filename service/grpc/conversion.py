@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from entitlements.v1 import entitlements_pb2 as pb
+from google.protobuf.struct_pb2 import Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from service.app.charges import Charge, ChargeRequest, ChargeResult
 from service.app.checkouts import CheckoutRequest, CheckoutResult
 from service.app.credit_service import ConsumeRequest, ConsumeResult, LedgerPage
 from service.app.plan_listing import PricedPlan
 from service.app.portal_sessions import PortalSession
 from service.app.subscription_lifecycle import Cancellation, Resumption
+from service.app.usage import RecordUsageRequest, UsageEventInput, UsageReport
 from service.domain import decimals
 from service.domain.errors import InvalidField
 from service.domain.plan_change_rules import EffectiveAt, PlanChange, PlanChangeResult, ProrationBillingMode
@@ -267,3 +270,90 @@ def plans_response(plans: list[PricedPlan]) -> pb.ListPlansResponse:
 
 def _interval(count: int, unit: str) -> str:
     return f"{count} {unit}" if unit else ""
+
+
+# --- CreateCharge / GetCharge ----------------------------------------------------------------------------------
+
+_CHARGE_STATUSES: dict[str, pb.ChargeStatus.ValueType] = {
+    "pending": pb.CHARGE_STATUS_PENDING,
+    "succeeded": pb.CHARGE_STATUS_SUCCEEDED,
+    "failed": pb.CHARGE_STATUS_FAILED,
+    "unknown": pb.CHARGE_STATUS_UNKNOWN,
+}
+
+
+def charge_request(request: pb.CreateChargeRequest, *, caller: str = "") -> ChargeRequest:
+    return ChargeRequest(
+        subscription_id=request.subscription_id,
+        amount=request.amount,
+        currency=request.currency,
+        description=request.description,
+        metadata=dict(request.metadata),
+        idempotency_key=request.idempotency_key,
+        caller=caller,
+    )
+
+
+def charge(value: Charge) -> pb.Charge:
+    return pb.Charge(
+        charge_id=value.charge_id,
+        subscription_id=value.subscription_id,
+        amount=value.amount,
+        currency=value.currency,
+        status=_CHARGE_STATUSES.get(value.status.value, pb.CHARGE_STATUS_PENDING),
+        payment_id=value.payment_id,
+        error_code=value.error_code,
+        created_at=timestamp(value.created_at),
+    )
+
+
+def charge_response(result: ChargeResult) -> pb.CreateChargeResponse:
+    return pb.CreateChargeResponse(charge=charge(result.charge), replayed=result.replayed)
+
+
+# --- usage (RecordUsage, GetUsage) -----------------------------------------------------------------------------
+
+
+def _plain(value: Value) -> object:
+    """A google.protobuf.Value as a plain value; the use case refuses anything but str, number and bool."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        return value.number_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return {}
+    if kind == "list_value":
+        return []
+    return None  # null_value, or a Value with nothing set
+
+
+def record_usage_request(request: pb.RecordUsageRequest) -> RecordUsageRequest:
+    return RecordUsageRequest(
+        customer_id=request.customer_id,
+        customer_ref=request.customer_ref,
+        events=[
+            UsageEventInput(
+                event_id=event.event_id,
+                event_name=event.event_name,
+                timestamp=event.timestamp.ToDatetime(UTC) if event.HasField("timestamp") else None,
+                properties={key: _plain(value) for key, value in event.properties.items()},
+            )
+            for event in request.events
+        ],
+    )
+
+
+def usage_response(report: UsageReport) -> pb.GetUsageResponse:
+    return pb.GetUsageResponse(
+        count=report.count,
+        sums={key: decimal_text(value) for key, value in report.sums.items()},
+        delivery=pb.UsageDelivery(
+            pending=report.delivery.get("pending", 0),
+            delivered=report.delivery.get("delivered", 0),
+            rejected=report.delivery.get("rejected", 0),
+            expired=report.delivery.get("expired", 0),
+        ),
+    )

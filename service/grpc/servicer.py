@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 
 import grpc
 from entitlements.v1 import entitlements_pb2 as pb
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 
+from service.app.charges import Charges
 from service.app.checkouts import Checkouts
 from service.app.credit_service import CreditService
 from service.app.customers import Customers
@@ -17,6 +19,7 @@ from service.app.plan_changer import PlanChanger
 from service.app.plan_listing import PlanListing
 from service.app.portal_sessions import PortalSessions
 from service.app.subscription_lifecycle import SubscriptionLifecycle
+from service.app.usage import Usage
 from service.grpc import conversion as convert
 from service.grpc.interceptors import current_caller
 
@@ -35,6 +38,8 @@ class UseCases:
     portal: PortalSessions
     lifecycle: SubscriptionLifecycle
     listing: PlanListing
+    usage: Usage
+    charges: Charges
 
 
 class EntitlementServicer(pb_grpc.EntitlementServiceServicer):
@@ -107,3 +112,27 @@ class EntitlementServicer(pb_grpc.EntitlementServiceServicer):
     async def LinkCustomer(self, request: pb.LinkCustomerRequest, context: Context) -> pb.LinkCustomerResponse:
         await self.use.customers.link(request.customer_ref, request.customer_id)
         return pb.LinkCustomerResponse(customer_ref=request.customer_ref, customer_id=request.customer_id)
+
+    async def RecordUsage(self, request: pb.RecordUsageRequest, context: Context) -> pb.RecordUsageResponse:
+        result = await self.use.usage.record(convert.record_usage_request(request))
+        return pb.RecordUsageResponse(accepted=result.accepted, duplicates=result.duplicates)
+
+    async def GetUsage(self, request: pb.GetUsageRequest, context: Context) -> pb.GetUsageResponse:
+        report = await self.use.usage.report(
+            customer_id=request.customer_id,
+            customer_ref=request.customer_ref,
+            event_name=request.event_name,
+            start=request.start.ToDatetime(UTC) if request.HasField("start") else None,
+            end=request.end.ToDatetime(UTC) if request.HasField("end") else None,
+        )
+        return convert.usage_response(report)
+
+    async def CreateCharge(self, request: pb.CreateChargeRequest, context: Context) -> pb.CreateChargeResponse:
+        result = await self.use.charges.create(convert.charge_request(request, caller=current_caller()))
+        return convert.charge_response(result)
+
+    async def GetCharge(self, request: pb.GetChargeRequest, context: Context) -> pb.GetChargeResponse:
+        found = await self.use.charges.get(
+            caller=current_caller(), charge_id=request.charge_id, idempotency_key=request.idempotency_key
+        )
+        return pb.GetChargeResponse(charge=convert.charge(found))

@@ -55,7 +55,7 @@ from entitlements_client import (
     Unavailable,
 )
 from entitlements_client._rpcs import RPCS
-from entitlements_client.models import ProtoEnum
+from entitlements_client.models import ProtoEnum, UsageEvent
 from google.rpc import error_details_pb2
 
 from service.app.dodo_gateway import DodoGateway
@@ -745,8 +745,16 @@ SAFE_CALLS: dict[str, Case] = {
     ),
     "list-plans": ("ListPlans", lambda c, k: c.list_plans()),
     "link-customer": ("LinkCustomer", lambda c, k: c.link_customer(REF, CUSTOMER_ID)),
+    "create-charge-with-key": ("CreateCharge", lambda c, k: c.create_charge(k.active, 2500, idempotency_key=key())),
+    "get-charge": ("GetCharge", lambda c, k: _charge_then_get(c, k)),
+    "record-usage": (
+        "RecordUsage",
+        lambda c, k: c.record_usage(CUSTOMER_ID, [UsageEvent(key(), "api.tokens", properties={"tokens": 3})]),
+    ),
+    "get-usage": ("GetUsage", lambda c, k: c.get_usage(CUSTOMER_ID, "api.tokens")),
 }
 UNSAFE_CALLS: dict[str, Case] = {
+    "create-charge-without-key": ("CreateCharge", lambda c, k: c.create_charge(k.active, 2500, idempotency_key="")),
     "consume-credits-without-key": (
         "ConsumeCredits",
         lambda c, k: c.consume_credits(CUSTOMER_ID, "ai_tokens", "1", ""),
@@ -762,6 +770,12 @@ UNSAFE_CALLS: dict[str, Case] = {
         lambda c, k: c.create_portal_session(CUSTOMER_ID, send_email=True),
     ),
 }
+
+
+async def _charge_then_get(calls: Calls, known: Known) -> object:
+    charge_key = key()
+    await calls.create_charge(known.active, 2500, idempotency_key=charge_key)
+    return await calls.get_charge(idempotency_key=charge_key)
 
 
 async def known(fake_dodo: FakeDodo, webhooks: WebhookPoster, clock: FakeClock) -> Known:

@@ -230,6 +230,10 @@ def test_every_rpc_maps_to_the_scope_of_design_14_and_an_unknown_method_needs_bi
         "CancelSubscription": Scope.BILLING,
         "ResumeSubscription": Scope.BILLING,
         "LinkCustomer": Scope.BILLING,
+        "RecordUsage": Scope.CONSUME,
+        "GetUsage": Scope.CHECK,
+        "CreateCharge": Scope.BILLING,
+        "GetCharge": Scope.BILLING,
     }
     contract = {method.name for method in pb.DESCRIPTOR.services_by_name["EntitlementService"].methods}
 

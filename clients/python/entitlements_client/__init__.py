@@ -52,9 +52,13 @@ from entitlements_client.models import (
     Plan,
     PortalSession,
     ProrationMode,
+    RecordUsageResult,
     ResumeSubscriptionResult,
     ScheduledChange,
     Subscription,
+    Usage,
+    UsageDelivery,
+    UsageEvent,
 )
 from entitlements_client.options import NO_RETRY, RetryPolicy, Tls
 
@@ -90,6 +94,7 @@ __all__ = [
     "Plan",
     "PortalSession",
     "ProrationMode",
+    "RecordUsageResult",
     "ResourceExhausted",
     "ResumeSubscriptionResult",
     "RetryPolicy",
@@ -100,6 +105,9 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "Usage",
+    "UsageDelivery",
+    "UsageEvent",
     "__version__",
     "pb",
 ]

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -20,6 +21,8 @@ from entitlements_client.errors import from_rpc_error
 from entitlements_client.models import (
     CancelSubscriptionResult,
     ChangePlanResult,
+    Charge,
+    ChargeResult,
     CheckAccessResult,
     CheckoutItem,
     CheckoutSession,
@@ -31,8 +34,11 @@ from entitlements_client.models import (
     Plan,
     PortalSession,
     ProrationMode,
+    RecordUsageResult,
     ResumeSubscriptionResult,
     Subscription,
+    Usage,
+    UsageEvent,
 )
 from entitlements_client.options import ChannelSpec, RetryPolicy, Tls
 
@@ -422,6 +428,99 @@ class EntitlementsClient(_Base):
         request = _rpcs.link_customer_request(customer_ref, customer_id)
         return await self._call(_rpcs.LINK_CUSTOMER, request, timeout)
 
+    @overload
+    async def record_usage(
+        self, customer_id: str, events: Iterable[UsageEvent], *, timeout: float | None = None
+    ) -> RecordUsageResult: ...
+
+    @overload
+    async def record_usage(
+        self, *, customer_ref: str, events: Iterable[UsageEvent], timeout: float | None = None
+    ) -> RecordUsageResult: ...
+
+    async def record_usage(
+        self,
+        customer_id: str | None = None,
+        events: Iterable[UsageEvent] | None = None,
+        *,
+        customer_ref: str | None = None,
+        timeout: float | None = None,
+    ) -> RecordUsageResult:
+        """Record 1–1000 usage events durably (shipped to Dodo's meters exactly once). Safe to retry: an event id
+        already recorded for the customer counts in `duplicates` and is never recorded or sent twice."""
+        if events is None:
+            raise TypeError("missing required argument: 'events'")
+        request = _rpcs.record_usage_request(customer_id, customer_ref, events)
+        return await self._call(_rpcs.RECORD_USAGE, request, timeout)
+
+    @overload
+    async def get_usage(
+        self,
+        customer_id: str,
+        event_name: str,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        timeout: float | None = None,
+    ) -> Usage: ...
+
+    @overload
+    async def get_usage(
+        self,
+        *,
+        customer_ref: str,
+        event_name: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        timeout: float | None = None,
+    ) -> Usage: ...
+
+    async def get_usage(
+        self,
+        customer_id: str | None = None,
+        event_name: str | None = None,
+        *,
+        customer_ref: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        timeout: float | None = None,
+    ) -> Usage:
+        """Count, numeric sums and delivery state of one event name's usage in [start, end) (default: the current
+        billing period, or the last 30 days without a subscription)."""
+        request = _rpcs.get_usage_request(customer_id, customer_ref, event_name, start=start, end=end)
+        return await self._call(_rpcs.GET_USAGE, request, timeout)
+
+    async def create_charge(
+        self,
+        subscription_id: str,
+        amount: int,
+        *,
+        idempotency_key: str,
+        currency: str = "",
+        description: str = "",
+        metadata: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> ChargeResult:
+        """Charge the subscription `amount` minor units of `currency` ("" = the product's) on demand. Retrying with
+        the same `idempotency_key` never charges twice; a charge whose answer from Dodo was lost is UNKNOWN until
+        the server resolves it (retry, or read it with `get_charge`)."""
+        request = _rpcs.create_charge_request(
+            subscription_id,
+            amount,
+            idempotency_key=idempotency_key,
+            currency=currency,
+            description=description,
+            metadata=metadata,
+        )
+        return await self._call(_rpcs.CREATE_CHARGE, request, timeout)
+
+    async def get_charge(
+        self, *, charge_id: str | None = None, idempotency_key: str | None = None, timeout: float | None = None
+    ) -> Charge:
+        """A charge by its id or by the idempotency key that created it (this caller's)."""
+        request = _rpcs.get_charge_request(charge_id, idempotency_key)
+        return await self._call(_rpcs.GET_CHARGE, request, timeout)
+
 
 class SyncEntitlementsClient(_Base):
     """Blocking client: the same methods as `EntitlementsClient`, for code without an event loop. Thread-safe."""
@@ -734,3 +833,96 @@ class SyncEntitlementsClient(_Base):
         """Link the company's own `customer_ref` to the Dodo `customer_id`, moving it if it was linked elsewhere."""
         request = _rpcs.link_customer_request(customer_ref, customer_id)
         return self._call(_rpcs.LINK_CUSTOMER, request, timeout)
+
+    @overload
+    def record_usage(
+        self, customer_id: str, events: Iterable[UsageEvent], *, timeout: float | None = None
+    ) -> RecordUsageResult: ...
+
+    @overload
+    def record_usage(
+        self, *, customer_ref: str, events: Iterable[UsageEvent], timeout: float | None = None
+    ) -> RecordUsageResult: ...
+
+    def record_usage(
+        self,
+        customer_id: str | None = None,
+        events: Iterable[UsageEvent] | None = None,
+        *,
+        customer_ref: str | None = None,
+        timeout: float | None = None,
+    ) -> RecordUsageResult:
+        """Record 1–1000 usage events durably (shipped to Dodo's meters exactly once). Safe to retry: an event id
+        already recorded for the customer counts in `duplicates` and is never recorded or sent twice."""
+        if events is None:
+            raise TypeError("missing required argument: 'events'")
+        request = _rpcs.record_usage_request(customer_id, customer_ref, events)
+        return self._call(_rpcs.RECORD_USAGE, request, timeout)
+
+    @overload
+    def get_usage(
+        self,
+        customer_id: str,
+        event_name: str,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        timeout: float | None = None,
+    ) -> Usage: ...
+
+    @overload
+    def get_usage(
+        self,
+        *,
+        customer_ref: str,
+        event_name: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        timeout: float | None = None,
+    ) -> Usage: ...
+
+    def get_usage(
+        self,
+        customer_id: str | None = None,
+        event_name: str | None = None,
+        *,
+        customer_ref: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        timeout: float | None = None,
+    ) -> Usage:
+        """Count, numeric sums and delivery state of one event name's usage in [start, end) (default: the current
+        billing period, or the last 30 days without a subscription)."""
+        request = _rpcs.get_usage_request(customer_id, customer_ref, event_name, start=start, end=end)
+        return self._call(_rpcs.GET_USAGE, request, timeout)
+
+    def create_charge(
+        self,
+        subscription_id: str,
+        amount: int,
+        *,
+        idempotency_key: str,
+        currency: str = "",
+        description: str = "",
+        metadata: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> ChargeResult:
+        """Charge the subscription `amount` minor units of `currency` ("" = the product's) on demand. Retrying with
+        the same `idempotency_key` never charges twice; a charge whose answer from Dodo was lost is UNKNOWN until
+        the server resolves it (retry, or read it with `get_charge`)."""
+        request = _rpcs.create_charge_request(
+            subscription_id,
+            amount,
+            idempotency_key=idempotency_key,
+            currency=currency,
+            description=description,
+            metadata=metadata,
+        )
+        return self._call(_rpcs.CREATE_CHARGE, request, timeout)
+
+    def get_charge(
+        self, *, charge_id: str | None = None, idempotency_key: str | None = None, timeout: float | None = None
+    ) -> Charge:
+        """A charge by its id or by the idempotency key that created it (this caller's)."""
+        request = _rpcs.get_charge_request(charge_id, idempotency_key)
+        return self._call(_rpcs.GET_CHARGE, request, timeout)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
@@ -14,7 +15,7 @@ from google.protobuf.message import Message
 
 from entitlements.v1 import entitlements_pb2 as pb
 from entitlements_client import models
-from entitlements_client.models import CheckoutItem, EffectiveAt, ProrationMode
+from entitlements_client.models import CheckoutItem, EffectiveAt, ProrationMode, UsageEvent
 
 SERVICE = pb.DESCRIPTOR.services_by_name["EntitlementService"]
 
@@ -66,6 +67,17 @@ def _never(_: Message) -> bool:
     return False
 
 
+def _charge_keyed(request: pb.CreateChargeRequest) -> bool:
+    # The server charges once per key, resolving a lost answer before it sends again; without a key it refuses.
+    return bool(request.idempotency_key)
+
+
+def _usage_safe(_: pb.RecordUsageRequest) -> bool:
+    # Every event is deduplicated by its event_id per customer: a repeat records and sends nothing twice (the
+    # retried answer counts what the first attempt recorded as duplicates).
+    return True
+
+
 def _link_safe(_: pb.LinkCustomerRequest) -> bool:
     # Linking a ref to the customer it is already linked to changes nothing: idempotent by nature.
     return True
@@ -106,6 +118,20 @@ LINK_CUSTOMER: Rpc[pb.LinkCustomerRequest, pb.LinkCustomerResponse, models.Custo
     "LinkCustomer", pb.LinkCustomerResponse, models.customer_link, _link_safe
 )
 
+CREATE_CHARGE: Rpc[pb.CreateChargeRequest, pb.CreateChargeResponse, models.ChargeResult] = Rpc(
+    "CreateCharge", pb.CreateChargeResponse, models.charge_result, _charge_keyed
+)
+GET_CHARGE: Rpc[pb.GetChargeRequest, pb.GetChargeResponse, models.Charge] = Rpc(
+    "GetCharge", pb.GetChargeResponse, models.get_charge_result, _read
+)
+
+RECORD_USAGE: Rpc[pb.RecordUsageRequest, pb.RecordUsageResponse, models.RecordUsageResult] = Rpc(
+    "RecordUsage", pb.RecordUsageResponse, models.record_usage_result, _usage_safe
+)
+GET_USAGE: Rpc[pb.GetUsageRequest, pb.GetUsageResponse, models.Usage] = Rpc(
+    "GetUsage", pb.GetUsageResponse, models.usage, _read
+)
+
 RPCS: Mapping[str, Rpc[Any, Any, Any]] = {
     rpc.name: rpc
     for rpc in (
@@ -120,6 +146,10 @@ RPCS: Mapping[str, Rpc[Any, Any, Any]] = {
         RESUME_SUBSCRIPTION,
         LIST_PLANS,
         LINK_CUSTOMER,
+        RECORD_USAGE,
+        GET_USAGE,
+        CREATE_CHARGE,
+        GET_CHARGE,
     )
 }
 
@@ -303,6 +333,67 @@ def resume_subscription_request(subscription_id: str, *, idempotency_key: str) -
 
 def link_customer_request(customer_ref: str, customer_id: str) -> pb.LinkCustomerRequest:
     return pb.LinkCustomerRequest(customer_ref=customer_ref, customer_id=customer_id)
+
+
+def create_charge_request(
+    subscription_id: str,
+    amount: int,
+    *,
+    idempotency_key: str,
+    currency: str,
+    description: str,
+    metadata: Mapping[str, str] | None,
+) -> pb.CreateChargeRequest:
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise TypeError("amount must be an int (minor units of the currency)")
+    return pb.CreateChargeRequest(
+        subscription_id=subscription_id,
+        amount=amount,
+        currency=currency,
+        description=description,
+        metadata=dict(metadata or {}),
+        idempotency_key=idempotency_key,
+    )
+
+
+def get_charge_request(charge_id: str | None, idempotency_key: str | None) -> pb.GetChargeRequest:
+    if bool(charge_id) == bool(idempotency_key):
+        raise ValueError("name exactly one of charge_id and idempotency_key")
+    if charge_id:
+        return pb.GetChargeRequest(charge_id=charge_id)
+    return pb.GetChargeRequest(idempotency_key=idempotency_key or "")
+
+
+def record_usage_request(
+    customer_id: str | None, customer_ref: str | None, events: Iterable[UsageEvent]
+) -> pb.RecordUsageRequest:
+    customer_id, customer_ref = one_customer(customer_id, customer_ref)
+    if isinstance(events, UsageEvent):
+        raise TypeError("events must be a sequence of UsageEvent, not a single one")
+    batch: list[pb.UsageEvent] = []
+    for item in events:
+        if not isinstance(item, UsageEvent):
+            raise TypeError(f"a usage event must be a UsageEvent, not {type(item).__name__}")
+        batch.append(item.to_proto())
+    return pb.RecordUsageRequest(customer_id=customer_id, customer_ref=customer_ref, events=batch)
+
+
+def get_usage_request(
+    customer_id: str | None,
+    customer_ref: str | None,
+    event_name: str | None,
+    *,
+    start: datetime | None,
+    end: datetime | None,
+) -> pb.GetUsageRequest:
+    customer_id, customer_ref = one_customer(customer_id, customer_ref)
+    _required(event_name, "event_name")
+    request = pb.GetUsageRequest(customer_id=customer_id, customer_ref=customer_ref, event_name=event_name or "")
+    if start is not None:
+        request.start.FromDatetime(start)
+    if end is not None:
+        request.end.FromDatetime(end)
+    return request
 
 
 # --- deadlines -----------------------------------------------------------------------------------------------------

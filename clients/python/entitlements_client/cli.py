@@ -24,6 +24,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from entitlements_client import _rpcs
@@ -38,6 +39,7 @@ from entitlements_client.models import (
     EffectiveAt,
     ProrationMode,
     ProtoEnum,
+    UsageEvent,
     to_jsonable,
 )
 from entitlements_client.options import RetryPolicy, Tls
@@ -433,6 +435,88 @@ def _link_customer(client: SyncEntitlementsClient, args: argparse.Namespace, tim
     return client.link_customer(args.customer_ref, args.customer_id, timeout=timeout)
 
 
+def _create_charge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--subscription-id", required=True)
+    parser.add_argument("--amount", required=True, type=int, help="minor units of the currency (e.g. cents)")
+    parser.add_argument("--currency", default="", help="ISO 4217 code (default: the product's)")
+    parser.add_argument("--description", default="", help="the line item's text at Dodo")
+    parser.add_argument("--metadata", type=_pair, action="append", default=[], metavar="KEY=VALUE", help="repeatable")
+    parser.add_argument("--idempotency-key", default="", help="required; reuse it to retry safely")
+
+
+def _create_charge(client: SyncEntitlementsClient, args: argparse.Namespace, timeout: float | None) -> Any:
+    return client.create_charge(
+        args.subscription_id,
+        args.amount,
+        idempotency_key=args.idempotency_key,
+        currency=args.currency,
+        description=args.description,
+        metadata=dict(args.metadata),
+        timeout=timeout,
+    )
+
+
+def _get_charge_arguments(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--charge-id")
+    which.add_argument("--idempotency-key", help="the key the charge was created with")
+
+
+def _get_charge(client: SyncEntitlementsClient, args: argparse.Namespace, timeout: float | None) -> Any:
+    return client.get_charge(charge_id=args.charge_id, idempotency_key=args.idempotency_key, timeout=timeout)
+
+
+def _property(text: str) -> tuple[str, str | int | float | bool]:
+    """KEY=VALUE: a JSON number or true/false is sent as such (meters aggregate numbers only), anything else as text."""
+    key, value = _pair(text)
+    if value in ("true", "false"):
+        return key, value == "true"
+    try:
+        number = json.loads(value)
+    except ValueError:
+        return key, value
+    return (key, number) if isinstance(number, int | float) and not isinstance(number, bool) else (key, value)
+
+
+def _instant(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text[:64]!r}") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give a time zone (e.g. Z): {text[:64]!r}")
+    return value
+
+
+def _record_usage_arguments(parser: argparse.ArgumentParser) -> None:
+    _customer_options(parser, required=True)
+    parser.add_argument("--event-id", required=True, help="unique per customer; reuse it to retry safely")
+    parser.add_argument("--event-name", required=True, help="matched to Dodo meters case-sensitively")
+    parser.add_argument("--timestamp", type=_instant, help="ISO 8601 (default: now; at most 1 h old)")
+    parser.add_argument("--property", type=_property, action="append", default=[], metavar="KEY=VALUE")
+
+
+def _record_usage(client: SyncEntitlementsClient, args: argparse.Namespace, timeout: float | None) -> Any:
+    events = [UsageEvent(args.event_id, args.event_name, args.timestamp, dict(args.property))]
+    if args.customer_ref is not None:
+        return client.record_usage(customer_ref=args.customer_ref, events=events, timeout=timeout)
+    return client.record_usage(args.customer_id, events, timeout=timeout)
+
+
+def _get_usage_arguments(parser: argparse.ArgumentParser) -> None:
+    _customer_options(parser, required=True)
+    parser.add_argument("--event-name", required=True)
+    parser.add_argument("--start", type=_instant, help="ISO 8601 (default: the current billing period's start)")
+    parser.add_argument("--end", type=_instant, help="ISO 8601, exclusive (default: the period's end)")
+
+
+def _get_usage(client: SyncEntitlementsClient, args: argparse.Namespace, timeout: float | None) -> Any:
+    options = {"start": args.start, "end": args.end, "timeout": timeout}
+    if args.customer_ref is not None:
+        return client.get_usage(customer_ref=args.customer_ref, event_name=args.event_name, **options)
+    return client.get_usage(args.customer_id, args.event_name, **options)
+
+
 def command_name(rpc: str) -> str:
     """CheckAccess -> check-access."""
     return "".join(f"-{c.lower()}" if c.isupper() else c for c in rpc).lstrip("-")
@@ -487,6 +571,20 @@ COMMANDS: Mapping[str, Command] = {
             _link_customer_arguments,
             _link_customer,
         ),
+        Command(
+            "CreateCharge",
+            "charge a subscription on demand, never twice for one idempotency key",
+            _create_charge_arguments,
+            _create_charge,
+        ),
+        Command("GetCharge", "a charge by id or idempotency key", _get_charge_arguments, _get_charge),
+        Command(
+            "RecordUsage",
+            "record a usage event (sent to Dodo's meters exactly once)",
+            _record_usage_arguments,
+            _record_usage,
+        ),
+        Command("GetUsage", "count and sum a customer's usage of one event", _get_usage_arguments, _get_usage),
     )
 }
 assert {command.rpc for command in COMMANDS.values()} <= set(_rpcs.RPCS)

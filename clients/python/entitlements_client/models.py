@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any, TypeVar, cast
 
 from google.protobuf.message import Message
+from google.protobuf.struct_pb2 import Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from entitlements.v1 import entitlements_pb2 as pb
@@ -27,6 +28,9 @@ __all__ = [
     "AccessReason",
     "CancelSubscriptionResult",
     "ChangePlanResult",
+    "Charge",
+    "ChargeResult",
+    "ChargeStatus",
     "CheckAccessResult",
     "CheckoutAddon",
     "CheckoutItem",
@@ -40,9 +44,13 @@ __all__ = [
     "Plan",
     "PortalSession",
     "ProrationMode",
+    "RecordUsageResult",
     "ResumeSubscriptionResult",
     "ScheduledChange",
     "Subscription",
+    "Usage",
+    "UsageDelivery",
+    "UsageEvent",
     "to_jsonable",
 ]
 
@@ -109,6 +117,14 @@ class EffectiveAt(ProtoEnum):
     UNSPECIFIED = 0
     IMMEDIATELY = 1
     NEXT_BILLING_DATE = 2
+
+
+class ChargeStatus(ProtoEnum):
+    UNSPECIFIED = 0
+    PENDING = 1
+    SUCCEEDED = 2
+    FAILED = 3
+    UNKNOWN = 4
 
 
 class _Result:
@@ -295,6 +311,30 @@ class Plan(_Result):
 class CustomerLink(_Result):
     customer_ref: str
     customer_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Charge(_Result):
+    """One on-demand charge of a subscription."""
+
+    charge_id: str
+    subscription_id: str
+    # Minor units of `currency`.
+    amount: int
+    currency: str
+    # UNKNOWN: Dodo's answer was lost; the server resolves it before anything is sent again.
+    status: ChargeStatus
+    payment_id: str
+    # Dodo's error code for a declined or refused charge ("" otherwise).
+    error_code: str
+    created_at: datetime | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ChargeResult(_Result):
+    charge: Charge | None
+    # True when the idempotency key was seen before and the stored charge is returned.
+    replayed: bool
 
 
 # --- what the caller sends -----------------------------------------------------------------------------------------
@@ -489,3 +529,100 @@ def plans(message: pb.ListPlansResponse) -> tuple[Plan, ...]:
 
 def customer_link(message: pb.LinkCustomerResponse) -> CustomerLink:
     return CustomerLink(customer_ref=message.customer_ref, customer_id=message.customer_id)
+
+
+def charge(message: pb.Charge) -> Charge:
+    return Charge(
+        charge_id=message.charge_id,
+        subscription_id=message.subscription_id,
+        amount=message.amount,
+        currency=message.currency,
+        status=ChargeStatus(message.status),
+        payment_id=message.payment_id,
+        error_code=message.error_code,
+        created_at=_time(message, "created_at"),
+    )
+
+
+def charge_result(message: pb.CreateChargeResponse) -> ChargeResult:
+    return ChargeResult(
+        charge=charge(message.charge) if message.HasField("charge") else None, replayed=message.replayed
+    )
+
+
+def get_charge_result(message: pb.GetChargeResponse) -> Charge:
+    return charge(message.charge)
+
+
+# --- usage (RecordUsage, GetUsage) -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class UsageEvent:
+    """One metered thing a customer did, for `record_usage`. `event_id` is unique per customer: recording it again
+    (a retry) is counted as a duplicate, never twice. `timestamp` None means now (at most 1 h old, 5 min ahead);
+    `properties` values are str, int, float or bool (numbers reach Dodo's meters as JSON numbers)."""
+
+    event_id: str
+    event_name: str
+    timestamp: datetime | None = None
+    properties: Mapping[str, str | int | float | bool] = dataclasses.field(default_factory=dict)
+
+    def to_proto(self) -> pb.UsageEvent:
+        values: dict[str, Value] = {}
+        for key, value in self.properties.items():
+            if isinstance(value, bool):
+                values[key] = Value(bool_value=value)
+            elif isinstance(value, int | float):
+                values[key] = Value(number_value=value)
+            elif isinstance(value, str):
+                values[key] = Value(string_value=value)
+            else:
+                raise TypeError(f"property {key!r} must be a str, int, float or bool, not {type(value).__name__}")
+        stamp = None
+        if self.timestamp is not None:
+            stamp = Timestamp()
+            stamp.FromDatetime(self.timestamp)
+        return pb.UsageEvent(event_id=self.event_id, event_name=self.event_name, timestamp=stamp, properties=values)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordUsageResult(_Result):
+    # Newly recorded (durable before the answer).
+    accepted: int
+    # Recorded before (by an earlier call or a retried one): not recorded or sent again.
+    duplicates: int
+
+
+@dataclasses.dataclass(frozen=True)
+class UsageDelivery(_Result):
+    pending: int
+    delivered: int
+    rejected: int
+    expired: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage(_Result):
+    count: int
+    # Numeric property to its exact sum.
+    sums: Mapping[str, Decimal]
+    delivery: UsageDelivery
+
+
+def record_usage_result(message: pb.RecordUsageResponse) -> RecordUsageResult:
+    return RecordUsageResult(accepted=message.accepted, duplicates=message.duplicates)
+
+
+def usage(message: pb.GetUsageResponse) -> Usage:
+    delivery = message.delivery
+    return Usage(
+        count=message.count,
+        sums={key: _decimal(value) for key, value in sorted(message.sums.items())},
+        delivery=UsageDelivery(
+            pending=delivery.pending,
+            delivered=delivery.delivered,
+            rejected=delivery.rejected,
+            expired=delivery.expired,
+        ),
+    )

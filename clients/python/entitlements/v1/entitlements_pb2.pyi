@@ -10,6 +10,7 @@ additive only: never renumber, rename or change the type of a field; retire a fi
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -125,6 +126,31 @@ FEATURE_KIND_BOOLEAN: FeatureKind.ValueType  # 1
 FEATURE_KIND_LIMIT: FeatureKind.ValueType  # 2
 FEATURE_KIND_CREDIT: FeatureKind.ValueType  # 3
 Global___FeatureKind: _TypeAlias = FeatureKind  # noqa: Y015
+
+class _ChargeStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChargeStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChargeStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHARGE_STATUS_UNSPECIFIED: _ChargeStatus.ValueType  # 0
+    CHARGE_STATUS_PENDING: _ChargeStatus.ValueType  # 1
+    """Sent to Dodo (or about to be); no payment outcome yet."""
+    CHARGE_STATUS_SUCCEEDED: _ChargeStatus.ValueType  # 2
+    CHARGE_STATUS_FAILED: _ChargeStatus.ValueType  # 3
+    CHARGE_STATUS_UNKNOWN: _ChargeStatus.ValueType  # 4
+    """Dodo's answer was lost: resolved from Dodo's payments and payment webhooks before anything is sent again."""
+
+class ChargeStatus(_ChargeStatus, metaclass=_ChargeStatusEnumTypeWrapper): ...
+
+CHARGE_STATUS_UNSPECIFIED: ChargeStatus.ValueType  # 0
+CHARGE_STATUS_PENDING: ChargeStatus.ValueType  # 1
+"""Sent to Dodo (or about to be); no payment outcome yet."""
+CHARGE_STATUS_SUCCEEDED: ChargeStatus.ValueType  # 2
+CHARGE_STATUS_FAILED: ChargeStatus.ValueType  # 3
+CHARGE_STATUS_UNKNOWN: ChargeStatus.ValueType  # 4
+"""Dodo's answer was lost: resolved from Dodo's payments and payment webhooks before anything is sent again."""
+Global___ChargeStatus: _TypeAlias = ChargeStatus  # noqa: Y015
 
 @_typing.final
 class CheckAccessRequest(_message.Message):
@@ -1254,3 +1280,397 @@ class LinkCustomerResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LinkCustomerResponse: _TypeAlias = LinkCustomerResponse  # noqa: Y015
+
+@_typing.final
+class UsageEvent(_message.Message):
+    """UsageEvent is one metered thing a customer did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class PropertiesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _struct_pb2.Value: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _struct_pb2.Value | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_NAME_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_FIELD_NUMBER: _builtins.int
+    PROPERTIES_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique per customer: a repeated id is a duplicate, whatever its values (the first write wins)."""
+    event_name: _builtins.str
+    """Matched to Dodo meters case-sensitively."""
+    @_builtins.property
+    def timestamp(self) -> _timestamp_pb2.Timestamp:
+        """Unset means now; at most 1 h old and 5 min ahead (Dodo refuses anything else)."""
+
+    @_builtins.property
+    def properties(self) -> _containers.MessageMap[_builtins.str, _struct_pb2.Value]:
+        """Scalar values only (string, number, bool); numbers go to Dodo as JSON numbers."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        event_name: _builtins.str = ...,
+        timestamp: _timestamp_pb2.Timestamp | None = ...,
+        properties: _abc.Mapping[_builtins.str, _struct_pb2.Value] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timestamp", b"timestamp"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "event_name", b"event_name", "properties", b"properties", "timestamp", b"timestamp"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageEvent: _TypeAlias = UsageEvent  # noqa: Y015
+
+@_typing.final
+class RecordUsageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_REF_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    customer_id: _builtins.str
+    customer_ref: _builtins.str
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageEvent]:
+        """1 to 1000 events, event ids distinct."""
+
+    def __init__(
+        self,
+        *,
+        customer_id: _builtins.str = ...,
+        customer_ref: _builtins.str = ...,
+        events: _abc.Iterable[Global___UsageEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "customer_ref", b"customer_ref", "events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordUsageRequest: _TypeAlias = RecordUsageRequest  # noqa: Y015
+
+@_typing.final
+class RecordUsageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
+    accepted: _builtins.int
+    """Newly recorded (durable before this answer)."""
+    duplicates: _builtins.int
+    """Already recorded before (not recorded or sent again)."""
+    def __init__(
+        self,
+        *,
+        accepted: _builtins.int = ...,
+        duplicates: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordUsageResponse: _TypeAlias = RecordUsageResponse  # noqa: Y015
+
+@_typing.final
+class GetUsageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_REF_FIELD_NUMBER: _builtins.int
+    EVENT_NAME_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    customer_id: _builtins.str
+    customer_ref: _builtins.str
+    event_name: _builtins.str
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp:
+        """Unset: the customer's current billing period (or the last 30 days without one)."""
+
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        customer_id: _builtins.str = ...,
+        customer_ref: _builtins.str = ...,
+        event_name: _builtins.str = ...,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        end: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "customer_ref", b"customer_ref", "end", b"end", "event_name", b"event_name", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageRequest: _TypeAlias = GetUsageRequest  # noqa: Y015
+
+@_typing.final
+class UsageDelivery(_message.Message):
+    """UsageDelivery counts events by where they are on their way to Dodo."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PENDING_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    EXPIRED_FIELD_NUMBER: _builtins.int
+    pending: _builtins.int
+    delivered: _builtins.int
+    rejected: _builtins.int
+    expired: _builtins.int
+    def __init__(
+        self,
+        *,
+        pending: _builtins.int = ...,
+        delivered: _builtins.int = ...,
+        rejected: _builtins.int = ...,
+        expired: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "expired", b"expired", "pending", b"pending", "rejected", b"rejected"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageDelivery: _TypeAlias = UsageDelivery  # noqa: Y015
+
+@_typing.final
+class GetUsageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SumsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    SUMS_FIELD_NUMBER: _builtins.int
+    DELIVERY_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    @_builtins.property
+    def sums(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Numeric property to its sum (decimal string)."""
+
+    @_builtins.property
+    def delivery(self) -> Global___UsageDelivery: ...
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        sums: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        delivery: Global___UsageDelivery | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "delivery", b"delivery", "sums", b"sums"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageResponse: _TypeAlias = GetUsageResponse  # noqa: Y015
+
+@_typing.final
+class Charge(_message.Message):
+    """Charge is one on-demand charge of a subscription."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHARGE_ID_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    PAYMENT_ID_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    charge_id: _builtins.str
+    subscription_id: _builtins.str
+    amount: _builtins.int
+    """Minor units of `currency`."""
+    currency: _builtins.str
+    status: Global___ChargeStatus.ValueType
+    payment_id: _builtins.str
+    error_code: _builtins.str
+    """Dodo's error code for a declined or refused charge."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        charge_id: _builtins.str = ...,
+        subscription_id: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        currency: _builtins.str = ...,
+        status: Global___ChargeStatus.ValueType = ...,
+        payment_id: _builtins.str = ...,
+        error_code: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "charge_id", b"charge_id", "created_at", b"created_at", "currency", b"currency", "error_code", b"error_code", "payment_id", b"payment_id", "status", b"status", "subscription_id", b"subscription_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Charge: _TypeAlias = Charge  # noqa: Y015
+
+@_typing.final
+class CreateChargeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    subscription_id: _builtins.str
+    amount: _builtins.int
+    """Minor units, greater than zero."""
+    currency: _builtins.str
+    """Empty: the product's currency."""
+    description: _builtins.str
+    idempotency_key: _builtins.str
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        subscription_id: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        currency: _builtins.str = ...,
+        description: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "currency", b"currency", "description", b"description", "idempotency_key", b"idempotency_key", "metadata", b"metadata", "subscription_id", b"subscription_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateChargeRequest: _TypeAlias = CreateChargeRequest  # noqa: Y015
+
+@_typing.final
+class CreateChargeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHARGE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    @_builtins.property
+    def charge(self) -> Global___Charge: ...
+    def __init__(
+        self,
+        *,
+        charge: Global___Charge | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["charge", b"charge"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charge", b"charge", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateChargeResponse: _TypeAlias = CreateChargeResponse  # noqa: Y015
+
+@_typing.final
+class GetChargeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHARGE_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    charge_id: _builtins.str
+    idempotency_key: _builtins.str
+    def __init__(
+        self,
+        *,
+        charge_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["charge_id", b"charge_id", "idempotency_key", b"idempotency_key", "selector", b"selector"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charge_id", b"charge_id", "idempotency_key", b"idempotency_key", "selector", b"selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_selector: _TypeAlias = _typing.Literal["charge_id", "idempotency_key"]  # noqa: Y015
+    _WhichOneofArgType_selector: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_selector) -> _WhichOneofReturnType_selector | None: ...
+
+Global___GetChargeRequest: _TypeAlias = GetChargeRequest  # noqa: Y015
+
+@_typing.final
+class GetChargeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHARGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def charge(self) -> Global___Charge: ...
+    def __init__(
+        self,
+        *,
+        charge: Global___Charge | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["charge", b"charge"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charge", b"charge"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetChargeResponse: _TypeAlias = GetChargeResponse  # noqa: Y015

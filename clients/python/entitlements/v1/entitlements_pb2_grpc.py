@@ -90,6 +90,26 @@ class EntitlementServiceStub:
                 request_serializer=entitlements_dot_v1_dot_entitlements__pb2.LinkCustomerRequest.SerializeToString,
                 response_deserializer=entitlements_dot_v1_dot_entitlements__pb2.LinkCustomerResponse.FromString,
                 _registered_method=True)
+        self.RecordUsage = channel.unary_unary(
+                '/entitlements.v1.EntitlementService/RecordUsage',
+                request_serializer=entitlements_dot_v1_dot_entitlements__pb2.RecordUsageRequest.SerializeToString,
+                response_deserializer=entitlements_dot_v1_dot_entitlements__pb2.RecordUsageResponse.FromString,
+                _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/entitlements.v1.EntitlementService/GetUsage',
+                request_serializer=entitlements_dot_v1_dot_entitlements__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=entitlements_dot_v1_dot_entitlements__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
+        self.CreateCharge = channel.unary_unary(
+                '/entitlements.v1.EntitlementService/CreateCharge',
+                request_serializer=entitlements_dot_v1_dot_entitlements__pb2.CreateChargeRequest.SerializeToString,
+                response_deserializer=entitlements_dot_v1_dot_entitlements__pb2.CreateChargeResponse.FromString,
+                _registered_method=True)
+        self.GetCharge = channel.unary_unary(
+                '/entitlements.v1.EntitlementService/GetCharge',
+                request_serializer=entitlements_dot_v1_dot_entitlements__pb2.GetChargeRequest.SerializeToString,
+                response_deserializer=entitlements_dot_v1_dot_entitlements__pb2.GetChargeResponse.FromString,
+                _registered_method=True)
 
 
 class EntitlementServiceServicer:
@@ -173,6 +193,34 @@ class EntitlementServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordUsage(self, request, context):
+        """RecordUsage records usage events durably and ships them to Dodo's meters exactly once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsage(self, request, context):
+        """GetUsage counts and sums a customer's recorded usage of one event name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateCharge(self, request, context):
+        """CreateCharge charges a subscription on demand, never twice for one idempotency key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCharge(self, request, context):
+        """GetCharge reads a charge by id or by the idempotency key that created it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EntitlementServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -230,6 +278,26 @@ def add_EntitlementServiceServicer_to_server(servicer, server):
                     servicer.LinkCustomer,
                     request_deserializer=entitlements_dot_v1_dot_entitlements__pb2.LinkCustomerRequest.FromString,
                     response_serializer=entitlements_dot_v1_dot_entitlements__pb2.LinkCustomerResponse.SerializeToString,
+            ),
+            'RecordUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordUsage,
+                    request_deserializer=entitlements_dot_v1_dot_entitlements__pb2.RecordUsageRequest.FromString,
+                    response_serializer=entitlements_dot_v1_dot_entitlements__pb2.RecordUsageResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=entitlements_dot_v1_dot_entitlements__pb2.GetUsageRequest.FromString,
+                    response_serializer=entitlements_dot_v1_dot_entitlements__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'CreateCharge': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCharge,
+                    request_deserializer=entitlements_dot_v1_dot_entitlements__pb2.CreateChargeRequest.FromString,
+                    response_serializer=entitlements_dot_v1_dot_entitlements__pb2.CreateChargeResponse.SerializeToString,
+            ),
+            'GetCharge': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCharge,
+                    request_deserializer=entitlements_dot_v1_dot_entitlements__pb2.GetChargeRequest.FromString,
+                    response_serializer=entitlements_dot_v1_dot_entitlements__pb2.GetChargeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -530,6 +598,114 @@ class EntitlementService:
             '/entitlements.v1.EntitlementService/LinkCustomer',
             entitlements_dot_v1_dot_entitlements__pb2.LinkCustomerRequest.SerializeToString,
             entitlements_dot_v1_dot_entitlements__pb2.LinkCustomerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entitlements.v1.EntitlementService/RecordUsage',
+            entitlements_dot_v1_dot_entitlements__pb2.RecordUsageRequest.SerializeToString,
+            entitlements_dot_v1_dot_entitlements__pb2.RecordUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entitlements.v1.EntitlementService/GetUsage',
+            entitlements_dot_v1_dot_entitlements__pb2.GetUsageRequest.SerializeToString,
+            entitlements_dot_v1_dot_entitlements__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCharge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entitlements.v1.EntitlementService/CreateCharge',
+            entitlements_dot_v1_dot_entitlements__pb2.CreateChargeRequest.SerializeToString,
+            entitlements_dot_v1_dot_entitlements__pb2.CreateChargeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCharge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entitlements.v1.EntitlementService/GetCharge',
+            entitlements_dot_v1_dot_entitlements__pb2.GetChargeRequest.SerializeToString,
+            entitlements_dot_v1_dot_entitlements__pb2.GetChargeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,14 @@ class EntitlementServiceStub:
     """ListPlans lists the catalog's plans, with Dodo's prices when the service has API access."""
     LinkCustomer: _grpc.UnaryUnaryMultiCallable[_entitlements_pb2.LinkCustomerRequest, _entitlements_pb2.LinkCustomerResponse]
     """LinkCustomer links (or moves) the company's own customer id to a Dodo customer."""
+    RecordUsage: _grpc.UnaryUnaryMultiCallable[_entitlements_pb2.RecordUsageRequest, _entitlements_pb2.RecordUsageResponse]
+    """RecordUsage records usage events durably and ships them to Dodo's meters exactly once."""
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_entitlements_pb2.GetUsageRequest, _entitlements_pb2.GetUsageResponse]
+    """GetUsage counts and sums a customer's recorded usage of one event name."""
+    CreateCharge: _grpc.UnaryUnaryMultiCallable[_entitlements_pb2.CreateChargeRequest, _entitlements_pb2.CreateChargeResponse]
+    """CreateCharge charges a subscription on demand, never twice for one idempotency key."""
+    GetCharge: _grpc.UnaryUnaryMultiCallable[_entitlements_pb2.GetChargeRequest, _entitlements_pb2.GetChargeResponse]
+    """GetCharge reads a charge by id or by the idempotency key that created it."""
 
 @_typing.type_check_only
 class EntitlementServiceAsyncStub(EntitlementServiceStub):
@@ -87,6 +95,14 @@ class EntitlementServiceAsyncStub(EntitlementServiceStub):
     """ListPlans lists the catalog's plans, with Dodo's prices when the service has API access."""
     LinkCustomer: _aio.UnaryUnaryMultiCallable[_entitlements_pb2.LinkCustomerRequest, _entitlements_pb2.LinkCustomerResponse]  # type: ignore[assignment]
     """LinkCustomer links (or moves) the company's own customer id to a Dodo customer."""
+    RecordUsage: _aio.UnaryUnaryMultiCallable[_entitlements_pb2.RecordUsageRequest, _entitlements_pb2.RecordUsageResponse]  # type: ignore[assignment]
+    """RecordUsage records usage events durably and ships them to Dodo's meters exactly once."""
+    GetUsage: _aio.UnaryUnaryMultiCallable[_entitlements_pb2.GetUsageRequest, _entitlements_pb2.GetUsageResponse]  # type: ignore[assignment]
+    """GetUsage counts and sums a customer's recorded usage of one event name."""
+    CreateCharge: _aio.UnaryUnaryMultiCallable[_entitlements_pb2.CreateChargeRequest, _entitlements_pb2.CreateChargeResponse]  # type: ignore[assignment]
+    """CreateCharge charges a subscription on demand, never twice for one idempotency key."""
+    GetCharge: _aio.UnaryUnaryMultiCallable[_entitlements_pb2.GetChargeRequest, _entitlements_pb2.GetChargeResponse]  # type: ignore[assignment]
+    """GetCharge reads a charge by id or by the idempotency key that created it."""
 
 class EntitlementServiceServicer(metaclass=_abc_1.ABCMeta):
     """EntitlementService answers access questions, exposes subscription state, changes plans and meters credits."""
@@ -178,5 +194,37 @@ class EntitlementServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_entitlements_pb2.LinkCustomerResponse, _abc.Awaitable[_entitlements_pb2.LinkCustomerResponse]]:
         """LinkCustomer links (or moves) the company's own customer id to a Dodo customer."""
+
+    @_abc_1.abstractmethod
+    def RecordUsage(
+        self,
+        request: _entitlements_pb2.RecordUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_entitlements_pb2.RecordUsageResponse, _abc.Awaitable[_entitlements_pb2.RecordUsageResponse]]:
+        """RecordUsage records usage events durably and ships them to Dodo's meters exactly once."""
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _entitlements_pb2.GetUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_entitlements_pb2.GetUsageResponse, _abc.Awaitable[_entitlements_pb2.GetUsageResponse]]:
+        """GetUsage counts and sums a customer's recorded usage of one event name."""
+
+    @_abc_1.abstractmethod
+    def CreateCharge(
+        self,
+        request: _entitlements_pb2.CreateChargeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_entitlements_pb2.CreateChargeResponse, _abc.Awaitable[_entitlements_pb2.CreateChargeResponse]]:
+        """CreateCharge charges a subscription on demand, never twice for one idempotency key."""
+
+    @_abc_1.abstractmethod
+    def GetCharge(
+        self,
+        request: _entitlements_pb2.GetChargeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_entitlements_pb2.GetChargeResponse, _abc.Awaitable[_entitlements_pb2.GetChargeResponse]]:
+        """GetCharge reads a charge by id or by the idempotency key that created it."""
 
 def add_EntitlementServiceServicer_to_server(servicer: EntitlementServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

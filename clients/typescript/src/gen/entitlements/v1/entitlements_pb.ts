@@ -9,15 +9,15 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { Timestamp, Value } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_struct, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file entitlements/v1/entitlements.proto.
  */
 export const file_entitlements_v1_entitlements: GenFile = /*@__PURE__*/
-  fileDesc("CiJlbnRpdGxlbWVudHMvdjEvZW50aXRsZW1lbnRzLnByb3RvEg9lbnRpdGxlbWVudHMudjEiUAoSQ2hlY2tBY2Nlc3NSZXF1ZXN0EhMKC2N1c3RvbWVyX2lkGAEgASgJEg8KB2ZlYXR1cmUYAiABKAkSFAoMY3VzdG9tZXJfcmVmGAMgASgJIqECChNDaGVja0FjY2Vzc1Jlc3BvbnNlEg8KB2FsbG93ZWQYASABKAgSLQoGcmVhc29uGAIgASgOMh0uZW50aXRsZW1lbnRzLnYxLkFjY2Vzc1JlYXNvbhIOCgZzdGF0dXMYAyABKAkSFwoPc3Vic2NyaXB0aW9uX2lkGAQgASgJEhIKCnByb2R1Y3RfaWQYBSABKAkSMgoOYWNjZXNzX2VuZHNfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWxpbWl0GAcgASgDEg8KB2JhbGFuY2UYCCABKAkSKgoEa2luZBgJIAEoDjIcLmVudGl0bGVtZW50cy52MS5GZWF0dXJlS2luZBINCgVzdGFsZRgKIAEoCCJuChZHZXRTdWJzY3JpcHRpb25SZXF1ZXN0EhkKD3N1YnNjcmlwdGlvbl9pZBgBIAEoCUgAEhUKC2N1c3RvbWVyX2lkGAIgASgJSAASFgoMY3VzdG9tZXJfcmVmGAMgASgJSABCCgoIc2VsZWN0b3IiTgoXR2V0U3Vic2NyaXB0aW9uUmVzcG9uc2USMwoMc3Vic2NyaXB0aW9uGAEgASgLMh0uZW50aXRsZW1lbnRzLnYxLlN1YnNjcmlwdGlvbiKEAQoOQWNjZXNzRGVjaXNpb24SDwoHYWxsb3dlZBgBIAEoCBItCgZyZWFzb24YAiABKA4yHS5lbnRpdGxlbWVudHMudjEuQWNjZXNzUmVhc29uEjIKDmFjY2Vzc19lbmRzX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJpCg9TY2hlZHVsZWRDaGFuZ2USEgoKcHJvZHVjdF9pZBgBIAEoCRIQCghxdWFudGl0eRgCIAEoBRIwCgxlZmZlY3RpdmVfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIvQGCgxTdWJzY3JpcHRpb24SFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgJEhMKC2N1c3RvbWVyX2lkGAIgASgJEhYKDmN1c3RvbWVyX2VtYWlsGAMgASgJEhIKCnByb2R1Y3RfaWQYBCABKAkSDgoGc3RhdHVzGAUgASgJEhAKCHF1YW50aXR5GAYgASgFEjEKDXRyaWFsX2VuZHNfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjgKFGN1cnJlbnRfcGVyaW9kX3N0YXJ0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI2ChJjdXJyZW50X3BlcmlvZF9lbmQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhwKFGNhbmNlbF9hdF9wZXJpb2RfZW5kGAogASgIEjAKDGNhbmNlbGxlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoGYWNjZXNzGAwgASgLMh8uZW50aXRsZW1lbnRzLnYxLkFjY2Vzc0RlY2lzaW9uEhAKCGZlYXR1cmVzGA0gAygJEjkKBmxpbWl0cxgOIAMoCzIpLmVudGl0bGVtZW50cy52MS5TdWJzY3JpcHRpb24uTGltaXRzRW50cnkSOwoHY3JlZGl0cxgPIAMoCzIqLmVudGl0bGVtZW50cy52MS5TdWJzY3JpcHRpb24uQ3JlZGl0c0VudHJ5EhgKEHJlY3VycmluZ19hbW91bnQYECABKAMSEAoIY3VycmVuY3kYESABKAkSGAoQYmlsbGluZ19pbnRlcnZhbBgSIAEoCRIuCgp1cGRhdGVkX2F0GBMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI6ChBzY2hlZHVsZWRfY2hhbmdlGBQgASgLMiAuZW50aXRsZW1lbnRzLnYxLlNjaGVkdWxlZENoYW5nZRIRCglwbGFuX25hbWUYFSABKAkSFAoMY3VzdG9tZXJfcmVmGBYgASgJGi0KC0xpbWl0c0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoAzoCOAEaLgoMQ3JlZGl0c0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEi6AEKEUNoYW5nZVBsYW5SZXF1ZXN0EhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoCRISCgpwcm9kdWN0X2lkGAIgASgJEhAKCHF1YW50aXR5GAMgASgFEjYKDnByb3JhdGlvbl9tb2RlGAQgASgOMh4uZW50aXRsZW1lbnRzLnYxLlByb3JhdGlvbk1vZGUSMgoMZWZmZWN0aXZlX2F0GAUgASgOMhwuZW50aXRsZW1lbnRzLnYxLkVmZmVjdGl2ZUF0EhcKD2lkZW1wb3RlbmN5X2tleRgGIAEoCRIPCgdwcmV2aWV3GAcgASgIIocBChJDaGFuZ2VQbGFuUmVzcG9uc2USMwoMc3Vic2NyaXB0aW9uGAEgASgLMh0uZW50aXRsZW1lbnRzLnYxLlN1YnNjcmlwdGlvbhIYChBpbW1lZGlhdGVfY2hhcmdlGAIgASgDEhAKCGN1cnJlbmN5GAMgASgJEhAKCHJlcGxheWVkGAQgASgIIokCChVDb25zdW1lQ3JlZGl0c1JlcXVlc3QSEwoLY3VzdG9tZXJfaWQYASABKAkSDgoGY3JlZGl0GAIgASgJEg4KBmFtb3VudBgDIAEoCRIXCg9pZGVtcG90ZW5jeV9rZXkYBCABKAkSEwoLZGVzY3JpcHRpb24YBSABKAkSRgoIbWV0YWRhdGEYBiADKAsyNC5lbnRpdGxlbWVudHMudjEuQ29uc3VtZUNyZWRpdHNSZXF1ZXN0Lk1ldGFkYXRhRW50cnkSFAoMY3VzdG9tZXJfcmVmGAcgASgJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJqChZDb25zdW1lQ3JlZGl0c1Jlc3BvbnNlEhAKCGVudHJ5X2lkGAEgASgJEhUKDWJhbGFuY2VfYWZ0ZXIYAiABKAkSFQoNb3ZlcmFnZV9hZnRlchgDIAEoCRIQCghyZXBsYXllZBgEIAEoCCJ7ChdMaXN0Q3JlZGl0TGVkZ2VyUmVxdWVzdBITCgtjdXN0b21lcl9pZBgBIAEoCRIOCgZjcmVkaXQYAiABKAkSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkSFAoMY3VzdG9tZXJfcmVmGAUgASgJIskCChFDcmVkaXRMZWRnZXJFbnRyeRIQCghlbnRyeV9pZBgBIAEoCRITCgtjdXN0b21lcl9pZBgCIAEoCRIOCgZjcmVkaXQYAyABKAkSDgoGYW1vdW50GAQgASgJEhUKDWJhbGFuY2VfYWZ0ZXIYBSABKAkSDAoEa2luZBgGIAEoCRIOCgZzb3VyY2UYByABKAkSEwoLZGVzY3JpcHRpb24YCCABKAkSQgoIbWV0YWRhdGEYCSADKAsyMC5lbnRpdGxlbWVudHMudjEuQ3JlZGl0TGVkZ2VyRW50cnkuTWV0YWRhdGFFbnRyeRIuCgpjcmVhdGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiaAoYTGlzdENyZWRpdExlZGdlclJlc3BvbnNlEjMKB2VudHJpZXMYASADKAsyIi5lbnRpdGxlbWVudHMudjEuQ3JlZGl0TGVkZ2VyRW50cnkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjMKDUNoZWNrb3V0QWRkb24SEAoIYWRkb25faWQYASABKAkSEAoIcXVhbnRpdHkYAiABKAUiZAoMQ2hlY2tvdXRJdGVtEhIKCnByb2R1Y3RfaWQYASABKAkSEAoIcXVhbnRpdHkYAiABKAUSLgoGYWRkb25zGAMgAygLMh4uZW50aXRsZW1lbnRzLnYxLkNoZWNrb3V0QWRkb24irgMKFUNyZWF0ZUNoZWNrb3V0UmVxdWVzdBITCgtjdXN0b21lcl9pZBgBIAEoCRIUCgxjdXN0b21lcl9yZWYYAiABKAkSDQoFZW1haWwYAyABKAkSDAoEbmFtZRgEIAEoCRIsCgVpdGVtcxgFIAMoCzIdLmVudGl0bGVtZW50cy52MS5DaGVja291dEl0ZW0SHgoRdHJpYWxfcGVyaW9kX2RheXMYBiABKAVIAIgBARISCgpyZXR1cm5fdXJsGAcgASgJEhIKCmNhbmNlbF91cmwYCCABKAkSFQoNZGlzY291bnRfY29kZRgJIAEoCRJGCghtZXRhZGF0YRgKIAMoCzI0LmVudGl0bGVtZW50cy52MS5DcmVhdGVDaGVja291dFJlcXVlc3QuTWV0YWRhdGFFbnRyeRIYChBhbGxvd19hZGRpdGlvbmFsGAsgASgIEhcKD2lkZW1wb3RlbmN5X2tleRgMIAEoCRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCFAoSX3RyaWFsX3BlcmlvZF9kYXlzIoQBChZDcmVhdGVDaGVja291dFJlc3BvbnNlEhIKCnNlc3Npb25faWQYASABKAkSFAoMY2hlY2tvdXRfdXJsGAIgASgJEi4KCmV4cGlyZXNfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHJlcGxheWVkGAQgASgIIm8KGkNyZWF0ZVBvcnRhbFNlc3Npb25SZXF1ZXN0EhMKC2N1c3RvbWVyX2lkGAEgASgJEhQKDGN1c3RvbWVyX3JlZhgCIAEoCRISCgpyZXR1cm5fdXJsGAMgASgJEhIKCnNlbmRfZW1haWwYBCABKAgiWgobQ3JlYXRlUG9ydGFsU2Vzc2lvblJlc3BvbnNlEgsKA3VybBgBIAEoCRIuCgpleHBpcmVzX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJyChlDYW5jZWxTdWJzY3JpcHRpb25SZXF1ZXN0EhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoCRITCgtpbW1lZGlhdGVseRgCIAEoCBIOCgZyZWFzb24YAyABKAkSFwoPaWRlbXBvdGVuY3lfa2V5GAQgASgJImMKGkNhbmNlbFN1YnNjcmlwdGlvblJlc3BvbnNlEjMKDHN1YnNjcmlwdGlvbhgBIAEoCzIdLmVudGl0bGVtZW50cy52MS5TdWJzY3JpcHRpb24SEAoIcmVwbGF5ZWQYAiABKAgiTQoZUmVzdW1lU3Vic2NyaXB0aW9uUmVxdWVzdBIXCg9zdWJzY3JpcHRpb25faWQYASABKAkSFwoPaWRlbXBvdGVuY3lfa2V5GAIgASgJImMKGlJlc3VtZVN1YnNjcmlwdGlvblJlc3BvbnNlEjMKDHN1YnNjcmlwdGlvbhgBIAEoCzIdLmVudGl0bGVtZW50cy52MS5TdWJzY3JpcHRpb24SEAoIcmVwbGF5ZWQYAiABKAgiEgoQTGlzdFBsYW5zUmVxdWVzdCLMAwoEUGxhbhISCgpwcm9kdWN0X2lkGAEgASgJEgwKBG5hbWUYAiABKAkSEAoIZmVhdHVyZXMYAyADKAkSMQoGbGltaXRzGAQgAygLMiEuZW50aXRsZW1lbnRzLnYxLlBsYW4uTGltaXRzRW50cnkSMwoHY3JlZGl0cxgFIAMoCzIiLmVudGl0bGVtZW50cy52MS5QbGFuLkNyZWRpdHNFbnRyeRI+Cg10cmlhbF9jcmVkaXRzGAYgAygLMicuZW50aXRsZW1lbnRzLnYxLlBsYW4uVHJpYWxDcmVkaXRzRW50cnkSGQoRZ3JhY2VfcGVyaW9kX2RheXMYByABKAUSDQoFcHJpY2UYCCABKAMSEAoIY3VycmVuY3kYCSABKAkSGAoQYmlsbGluZ19pbnRlcnZhbBgKIAEoCRotCgtMaW1pdHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAM6AjgBGi4KDENyZWRpdHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGjMKEVRyaWFsQ3JlZGl0c0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiOQoRTGlzdFBsYW5zUmVzcG9uc2USJAoFcGxhbnMYASADKAsyFS5lbnRpdGxlbWVudHMudjEuUGxhbiJAChNMaW5rQ3VzdG9tZXJSZXF1ZXN0EhQKDGN1c3RvbWVyX3JlZhgBIAEoCRITCgtjdXN0b21lcl9pZBgCIAEoCSJBChRMaW5rQ3VzdG9tZXJSZXNwb25zZRIUCgxjdXN0b21lcl9yZWYYASABKAkSEwoLY3VzdG9tZXJfaWQYAiABKAkq7AIKDEFjY2Vzc1JlYXNvbhIdChlBQ0NFU1NfUkVBU09OX1VOU1BFQ0lGSUVEEAASGAoUQUNDRVNTX1JFQVNPTl9BQ1RJVkUQARIaChZBQ0NFU1NfUkVBU09OX1RSSUFMSU5HEAISKAokQUNDRVNTX1JFQVNPTl9DQU5DRUxMQVRJT05fU0NIRURVTEVEEAMSHgoaQUNDRVNTX1JFQVNPTl9HUkFDRV9QRVJJT0QQBBIhCh1BQ0NFU1NfUkVBU09OX05PX1NVQlNDUklQVElPThAFEiUKIUFDQ0VTU19SRUFTT05fRkVBVFVSRV9OT1RfSU5fUExBThAGEicKI0FDQ0VTU19SRUFTT05fU1VCU0NSSVBUSU9OX0lOQUNUSVZFEAcSIwofQUNDRVNTX1JFQVNPTl9DUkVESVRTX0VYSEFVU1RFRBAIEiUKIUFDQ0VTU19SRUFTT05fU1RPUkFHRV9VTkFWQUlMQUJMRRAJKsgBCg1Qcm9yYXRpb25Nb2RlEh4KGlBST1JBVElPTl9NT0RFX1VOU1BFQ0lGSUVEEAASJwojUFJPUkFUSU9OX01PREVfUFJPUkFURURfSU1NRURJQVRFTFkQARIjCh9QUk9SQVRJT05fTU9ERV9GVUxMX0lNTUVESUFURUxZEAISKQolUFJPUkFUSU9OX01PREVfRElGRkVSRU5DRV9JTU1FRElBVEVMWRADEh4KGlBST1JBVElPTl9NT0RFX0RPX05PVF9CSUxMEAQqbQoLRWZmZWN0aXZlQXQSHAoYRUZGRUNUSVZFX0FUX1VOU1BFQ0lGSUVEEAASHAoYRUZGRUNUSVZFX0FUX0lNTUVESUFURUxZEAESIgoeRUZGRUNUSVZFX0FUX05FWFRfQklMTElOR19EQVRFEAIqdgoLRmVhdHVyZUtpbmQSHAoYRkVBVFVSRV9LSU5EX1VOU1BFQ0lGSUVEEAASGAoURkVBVFVSRV9LSU5EX0JPT0xFQU4QARIWChJGRUFUVVJFX0tJTkRfTElNSVQQAhIXChNGRUFUVVJFX0tJTkRfQ1JFRElUEAMy2wgKEkVudGl0bGVtZW50U2VydmljZRJYCgtDaGVja0FjY2VzcxIjLmVudGl0bGVtZW50cy52MS5DaGVja0FjY2Vzc1JlcXVlc3QaJC5lbnRpdGxlbWVudHMudjEuQ2hlY2tBY2Nlc3NSZXNwb25zZRJkCg9HZXRTdWJzY3JpcHRpb24SJy5lbnRpdGxlbWVudHMudjEuR2V0U3Vic2NyaXB0aW9uUmVxdWVzdBooLmVudGl0bGVtZW50cy52MS5HZXRTdWJzY3JpcHRpb25SZXNwb25zZRJVCgpDaGFuZ2VQbGFuEiIuZW50aXRsZW1lbnRzLnYxLkNoYW5nZVBsYW5SZXF1ZXN0GiMuZW50aXRsZW1lbnRzLnYxLkNoYW5nZVBsYW5SZXNwb25zZRJhCg5Db25zdW1lQ3JlZGl0cxImLmVudGl0bGVtZW50cy52MS5Db25zdW1lQ3JlZGl0c1JlcXVlc3QaJy5lbnRpdGxlbWVudHMudjEuQ29uc3VtZUNyZWRpdHNSZXNwb25zZRJnChBMaXN0Q3JlZGl0TGVkZ2VyEiguZW50aXRsZW1lbnRzLnYxLkxpc3RDcmVkaXRMZWRnZXJSZXF1ZXN0GikuZW50aXRsZW1lbnRzLnYxLkxpc3RDcmVkaXRMZWRnZXJSZXNwb25zZRJhCg5DcmVhdGVDaGVja291dBImLmVudGl0bGVtZW50cy52MS5DcmVhdGVDaGVja291dFJlcXVlc3QaJy5lbnRpdGxlbWVudHMudjEuQ3JlYXRlQ2hlY2tvdXRSZXNwb25zZRJwChNDcmVhdGVQb3J0YWxTZXNzaW9uEisuZW50aXRsZW1lbnRzLnYxLkNyZWF0ZVBvcnRhbFNlc3Npb25SZXF1ZXN0GiwuZW50aXRsZW1lbnRzLnYxLkNyZWF0ZVBvcnRhbFNlc3Npb25SZXNwb25zZRJtChJDYW5jZWxTdWJzY3JpcHRpb24SKi5lbnRpdGxlbWVudHMudjEuQ2FuY2VsU3Vic2NyaXB0aW9uUmVxdWVzdBorLmVudGl0bGVtZW50cy52MS5DYW5jZWxTdWJzY3JpcHRpb25SZXNwb25zZRJtChJSZXN1bWVTdWJzY3JpcHRpb24SKi5lbnRpdGxlbWVudHMudjEuUmVzdW1lU3Vic2NyaXB0aW9uUmVxdWVzdBorLmVudGl0bGVtZW50cy52MS5SZXN1bWVTdWJzY3JpcHRpb25SZXNwb25zZRJSCglMaXN0UGxhbnMSIS5lbnRpdGxlbWVudHMudjEuTGlzdFBsYW5zUmVxdWVzdBoiLmVudGl0bGVtZW50cy52MS5MaXN0UGxhbnNSZXNwb25zZRJbCgxMaW5rQ3VzdG9tZXISJC5lbnRpdGxlbWVudHMudjEuTGlua0N1c3RvbWVyUmVxdWVzdBolLmVudGl0bGVtZW50cy52MS5MaW5rQ3VzdG9tZXJSZXNwb25zZUJRWk9naXRodWIuY29tL2RvZG8tZW50aXRsZW1lbnRzL2VudGl0bGVtZW50cy9nZW4vZ28vZW50aXRsZW1lbnRzL3YxO2VudGl0bGVtZW50c3YxYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("CiJlbnRpdGxlbWVudHMvdjEvZW50aXRsZW1lbnRzLnByb3RvEg9lbnRpdGxlbWVudHMudjEiUAoSQ2hlY2tBY2Nlc3NSZXF1ZXN0EhMKC2N1c3RvbWVyX2lkGAEgASgJEg8KB2ZlYXR1cmUYAiABKAkSFAoMY3VzdG9tZXJfcmVmGAMgASgJIqECChNDaGVja0FjY2Vzc1Jlc3BvbnNlEg8KB2FsbG93ZWQYASABKAgSLQoGcmVhc29uGAIgASgOMh0uZW50aXRsZW1lbnRzLnYxLkFjY2Vzc1JlYXNvbhIOCgZzdGF0dXMYAyABKAkSFwoPc3Vic2NyaXB0aW9uX2lkGAQgASgJEhIKCnByb2R1Y3RfaWQYBSABKAkSMgoOYWNjZXNzX2VuZHNfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWxpbWl0GAcgASgDEg8KB2JhbGFuY2UYCCABKAkSKgoEa2luZBgJIAEoDjIcLmVudGl0bGVtZW50cy52MS5GZWF0dXJlS2luZBINCgVzdGFsZRgKIAEoCCJuChZHZXRTdWJzY3JpcHRpb25SZXF1ZXN0EhkKD3N1YnNjcmlwdGlvbl9pZBgBIAEoCUgAEhUKC2N1c3RvbWVyX2lkGAIgASgJSAASFgoMY3VzdG9tZXJfcmVmGAMgASgJSABCCgoIc2VsZWN0b3IiTgoXR2V0U3Vic2NyaXB0aW9uUmVzcG9uc2USMwoMc3Vic2NyaXB0aW9uGAEgASgLMh0uZW50aXRsZW1lbnRzLnYxLlN1YnNjcmlwdGlvbiKEAQoOQWNjZXNzRGVjaXNpb24SDwoHYWxsb3dlZBgBIAEoCBItCgZyZWFzb24YAiABKA4yHS5lbnRpdGxlbWVudHMudjEuQWNjZXNzUmVhc29uEjIKDmFjY2Vzc19lbmRzX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJpCg9TY2hlZHVsZWRDaGFuZ2USEgoKcHJvZHVjdF9pZBgBIAEoCRIQCghxdWFudGl0eRgCIAEoBRIwCgxlZmZlY3RpdmVfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIvQGCgxTdWJzY3JpcHRpb24SFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgJEhMKC2N1c3RvbWVyX2lkGAIgASgJEhYKDmN1c3RvbWVyX2VtYWlsGAMgASgJEhIKCnByb2R1Y3RfaWQYBCABKAkSDgoGc3RhdHVzGAUgASgJEhAKCHF1YW50aXR5GAYgASgFEjEKDXRyaWFsX2VuZHNfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjgKFGN1cnJlbnRfcGVyaW9kX3N0YXJ0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI2ChJjdXJyZW50X3BlcmlvZF9lbmQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhwKFGNhbmNlbF9hdF9wZXJpb2RfZW5kGAogASgIEjAKDGNhbmNlbGxlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoGYWNjZXNzGAwgASgLMh8uZW50aXRsZW1lbnRzLnYxLkFjY2Vzc0RlY2lzaW9uEhAKCGZlYXR1cmVzGA0gAygJEjkKBmxpbWl0cxgOIAMoCzIpLmVudGl0bGVtZW50cy52MS5TdWJzY3JpcHRpb24uTGltaXRzRW50cnkSOwoHY3JlZGl0cxgPIAMoCzIqLmVudGl0bGVtZW50cy52MS5TdWJzY3JpcHRpb24uQ3JlZGl0c0VudHJ5EhgKEHJlY3VycmluZ19hbW91bnQYECABKAMSEAoIY3VycmVuY3kYESABKAkSGAoQYmlsbGluZ19pbnRlcnZhbBgSIAEoCRIuCgp1cGRhdGVkX2F0GBMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI6ChBzY2hlZHVsZWRfY2hhbmdlGBQgASgLMiAuZW50aXRsZW1lbnRzLnYxLlNjaGVkdWxlZENoYW5nZRIRCglwbGFuX25hbWUYFSABKAkSFAoMY3VzdG9tZXJfcmVmGBYgASgJGi0KC0xpbWl0c0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoAzoCOAEaLgoMQ3JlZGl0c0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEi6AEKEUNoYW5nZVBsYW5SZXF1ZXN0EhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoCRISCgpwcm9kdWN0X2lkGAIgASgJEhAKCHF1YW50aXR5GAMgASgFEjYKDnByb3JhdGlvbl9tb2RlGAQgASgOMh4uZW50aXRsZW1lbnRzLnYxLlByb3JhdGlvbk1vZGUSMgoMZWZmZWN0aXZlX2F0GAUgASgOMhwuZW50aXRsZW1lbnRzLnYxLkVmZmVjdGl2ZUF0EhcKD2lkZW1wb3RlbmN5X2tleRgGIAEoCRIPCgdwcmV2aWV3GAcgASgIIocBChJDaGFuZ2VQbGFuUmVzcG9uc2USMwoMc3Vic2NyaXB0aW9uGAEgASgLMh0uZW50aXRsZW1lbnRzLnYxLlN1YnNjcmlwdGlvbhIYChBpbW1lZGlhdGVfY2hhcmdlGAIgASgDEhAKCGN1cnJlbmN5GAMgASgJEhAKCHJlcGxheWVkGAQgASgIIokCChVDb25zdW1lQ3JlZGl0c1JlcXVlc3QSEwoLY3VzdG9tZXJfaWQYASABKAkSDgoGY3JlZGl0GAIgASgJEg4KBmFtb3VudBgDIAEoCRIXCg9pZGVtcG90ZW5jeV9rZXkYBCABKAkSEwoLZGVzY3JpcHRpb24YBSABKAkSRgoIbWV0YWRhdGEYBiADKAsyNC5lbnRpdGxlbWVudHMudjEuQ29uc3VtZUNyZWRpdHNSZXF1ZXN0Lk1ldGFkYXRhRW50cnkSFAoMY3VzdG9tZXJfcmVmGAcgASgJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJqChZDb25zdW1lQ3JlZGl0c1Jlc3BvbnNlEhAKCGVudHJ5X2lkGAEgASgJEhUKDWJhbGFuY2VfYWZ0ZXIYAiABKAkSFQoNb3ZlcmFnZV9hZnRlchgDIAEoCRIQCghyZXBsYXllZBgEIAEoCCJ7ChdMaXN0Q3JlZGl0TGVkZ2VyUmVxdWVzdBITCgtjdXN0b21lcl9pZBgBIAEoCRIOCgZjcmVkaXQYAiABKAkSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkSFAoMY3VzdG9tZXJfcmVmGAUgASgJIskCChFDcmVkaXRMZWRnZXJFbnRyeRIQCghlbnRyeV9pZBgBIAEoCRITCgtjdXN0b21lcl9pZBgCIAEoCRIOCgZjcmVkaXQYAyABKAkSDgoGYW1vdW50GAQgASgJEhUKDWJhbGFuY2VfYWZ0ZXIYBSABKAkSDAoEa2luZBgGIAEoCRIOCgZzb3VyY2UYByABKAkSEwoLZGVzY3JpcHRpb24YCCABKAkSQgoIbWV0YWRhdGEYCSADKAsyMC5lbnRpdGxlbWVudHMudjEuQ3JlZGl0TGVkZ2VyRW50cnkuTWV0YWRhdGFFbnRyeRIuCgpjcmVhdGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiaAoYTGlzdENyZWRpdExlZGdlclJlc3BvbnNlEjMKB2VudHJpZXMYASADKAsyIi5lbnRpdGxlbWVudHMudjEuQ3JlZGl0TGVkZ2VyRW50cnkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjMKDUNoZWNrb3V0QWRkb24SEAoIYWRkb25faWQYASABKAkSEAoIcXVhbnRpdHkYAiABKAUiZAoMQ2hlY2tvdXRJdGVtEhIKCnByb2R1Y3RfaWQYASABKAkSEAoIcXVhbnRpdHkYAiABKAUSLgoGYWRkb25zGAMgAygLMh4uZW50aXRsZW1lbnRzLnYxLkNoZWNrb3V0QWRkb24irgMKFUNyZWF0ZUNoZWNrb3V0UmVxdWVzdBITCgtjdXN0b21lcl9pZBgBIAEoCRIUCgxjdXN0b21lcl9yZWYYAiABKAkSDQoFZW1haWwYAyABKAkSDAoEbmFtZRgEIAEoCRIsCgVpdGVtcxgFIAMoCzIdLmVudGl0bGVtZW50cy52MS5DaGVja291dEl0ZW0SHgoRdHJpYWxfcGVyaW9kX2RheXMYBiABKAVIAIgBARISCgpyZXR1cm5fdXJsGAcgASgJEhIKCmNhbmNlbF91cmwYCCABKAkSFQoNZGlzY291bnRfY29kZRgJIAEoCRJGCghtZXRhZGF0YRgKIAMoCzI0LmVudGl0bGVtZW50cy52MS5DcmVhdGVDaGVja291dFJlcXVlc3QuTWV0YWRhdGFFbnRyeRIYChBhbGxvd19hZGRpdGlvbmFsGAsgASgIEhcKD2lkZW1wb3RlbmN5X2tleRgMIAEoCRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCFAoSX3RyaWFsX3BlcmlvZF9kYXlzIoQBChZDcmVhdGVDaGVja291dFJlc3BvbnNlEhIKCnNlc3Npb25faWQYASABKAkSFAoMY2hlY2tvdXRfdXJsGAIgASgJEi4KCmV4cGlyZXNfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHJlcGxheWVkGAQgASgIIm8KGkNyZWF0ZVBvcnRhbFNlc3Npb25SZXF1ZXN0EhMKC2N1c3RvbWVyX2lkGAEgASgJEhQKDGN1c3RvbWVyX3JlZhgCIAEoCRISCgpyZXR1cm5fdXJsGAMgASgJEhIKCnNlbmRfZW1haWwYBCABKAgiWgobQ3JlYXRlUG9ydGFsU2Vzc2lvblJlc3BvbnNlEgsKA3VybBgBIAEoCRIuCgpleHBpcmVzX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJyChlDYW5jZWxTdWJzY3JpcHRpb25SZXF1ZXN0EhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoCRITCgtpbW1lZGlhdGVseRgCIAEoCBIOCgZyZWFzb24YAyABKAkSFwoPaWRlbXBvdGVuY3lfa2V5GAQgASgJImMKGkNhbmNlbFN1YnNjcmlwdGlvblJlc3BvbnNlEjMKDHN1YnNjcmlwdGlvbhgBIAEoCzIdLmVudGl0bGVtZW50cy52MS5TdWJzY3JpcHRpb24SEAoIcmVwbGF5ZWQYAiABKAgiTQoZUmVzdW1lU3Vic2NyaXB0aW9uUmVxdWVzdBIXCg9zdWJzY3JpcHRpb25faWQYASABKAkSFwoPaWRlbXBvdGVuY3lfa2V5GAIgASgJImMKGlJlc3VtZVN1YnNjcmlwdGlvblJlc3BvbnNlEjMKDHN1YnNjcmlwdGlvbhgBIAEoCzIdLmVudGl0bGVtZW50cy52MS5TdWJzY3JpcHRpb24SEAoIcmVwbGF5ZWQYAiABKAgiEgoQTGlzdFBsYW5zUmVxdWVzdCLMAwoEUGxhbhISCgpwcm9kdWN0X2lkGAEgASgJEgwKBG5hbWUYAiABKAkSEAoIZmVhdHVyZXMYAyADKAkSMQoGbGltaXRzGAQgAygLMiEuZW50aXRsZW1lbnRzLnYxLlBsYW4uTGltaXRzRW50cnkSMwoHY3JlZGl0cxgFIAMoCzIiLmVudGl0bGVtZW50cy52MS5QbGFuLkNyZWRpdHNFbnRyeRI+Cg10cmlhbF9jcmVkaXRzGAYgAygLMicuZW50aXRsZW1lbnRzLnYxLlBsYW4uVHJpYWxDcmVkaXRzRW50cnkSGQoRZ3JhY2VfcGVyaW9kX2RheXMYByABKAUSDQoFcHJpY2UYCCABKAMSEAoIY3VycmVuY3kYCSABKAkSGAoQYmlsbGluZ19pbnRlcnZhbBgKIAEoCRotCgtMaW1pdHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAM6AjgBGi4KDENyZWRpdHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGjMKEVRyaWFsQ3JlZGl0c0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiOQoRTGlzdFBsYW5zUmVzcG9uc2USJAoFcGxhbnMYASADKAsyFS5lbnRpdGxlbWVudHMudjEuUGxhbiJAChNMaW5rQ3VzdG9tZXJSZXF1ZXN0EhQKDGN1c3RvbWVyX3JlZhgBIAEoCRITCgtjdXN0b21lcl9pZBgCIAEoCSJBChRMaW5rQ3VzdG9tZXJSZXNwb25zZRIUCgxjdXN0b21lcl9yZWYYASABKAkSEwoLY3VzdG9tZXJfaWQYAiABKAki7QEKClVzYWdlRXZlbnQSEAoIZXZlbnRfaWQYASABKAkSEgoKZXZlbnRfbmFtZRgCIAEoCRItCgl0aW1lc3RhbXAYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEj8KCnByb3BlcnRpZXMYBCADKAsyKy5lbnRpdGxlbWVudHMudjEuVXNhZ2VFdmVudC5Qcm9wZXJ0aWVzRW50cnkaSQoPUHJvcGVydGllc0VudHJ5EgsKA2tleRgBIAEoCRIlCgV2YWx1ZRgCIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZToCOAEibAoSUmVjb3JkVXNhZ2VSZXF1ZXN0EhMKC2N1c3RvbWVyX2lkGAEgASgJEhQKDGN1c3RvbWVyX3JlZhgCIAEoCRIrCgZldmVudHMYAyADKAsyGy5lbnRpdGxlbWVudHMudjEuVXNhZ2VFdmVudCI7ChNSZWNvcmRVc2FnZVJlc3BvbnNlEhAKCGFjY2VwdGVkGAEgASgFEhIKCmR1cGxpY2F0ZXMYAiABKAUipAEKD0dldFVzYWdlUmVxdWVzdBITCgtjdXN0b21lcl9pZBgBIAEoCRIUCgxjdXN0b21lcl9yZWYYAiABKAkSEgoKZXZlbnRfbmFtZRgDIAEoCRIpCgVzdGFydBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJwoDZW5kGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJWCg1Vc2FnZURlbGl2ZXJ5Eg8KB3BlbmRpbmcYASABKAMSEQoJZGVsaXZlcmVkGAIgASgDEhAKCHJlamVjdGVkGAMgASgDEg8KB2V4cGlyZWQYBCABKAMiuwEKEEdldFVzYWdlUmVzcG9uc2USDQoFY291bnQYASABKAMSOQoEc3VtcxgCIAMoCzIrLmVudGl0bGVtZW50cy52MS5HZXRVc2FnZVJlc3BvbnNlLlN1bXNFbnRyeRIwCghkZWxpdmVyeRgDIAEoCzIeLmVudGl0bGVtZW50cy52MS5Vc2FnZURlbGl2ZXJ5GisKCVN1bXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIt0BCgZDaGFyZ2USEQoJY2hhcmdlX2lkGAEgASgJEhcKD3N1YnNjcmlwdGlvbl9pZBgCIAEoCRIOCgZhbW91bnQYAyABKAMSEAoIY3VycmVuY3kYBCABKAkSLQoGc3RhdHVzGAUgASgOMh0uZW50aXRsZW1lbnRzLnYxLkNoYXJnZVN0YXR1cxISCgpwYXltZW50X2lkGAYgASgJEhIKCmVycm9yX2NvZGUYByABKAkSLgoKY3JlYXRlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi9QEKE0NyZWF0ZUNoYXJnZVJlcXVlc3QSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgJEg4KBmFtb3VudBgCIAEoAxIQCghjdXJyZW5jeRgDIAEoCRITCgtkZXNjcmlwdGlvbhgEIAEoCRJECghtZXRhZGF0YRgFIAMoCzIyLmVudGl0bGVtZW50cy52MS5DcmVhdGVDaGFyZ2VSZXF1ZXN0Lk1ldGFkYXRhRW50cnkSFwoPaWRlbXBvdGVuY3lfa2V5GAYgASgJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJRChRDcmVhdGVDaGFyZ2VSZXNwb25zZRInCgZjaGFyZ2UYASABKAsyFy5lbnRpdGxlbWVudHMudjEuQ2hhcmdlEhAKCHJlcGxheWVkGAIgASgIIk4KEEdldENoYXJnZVJlcXVlc3QSEwoJY2hhcmdlX2lkGAEgASgJSAASGQoPaWRlbXBvdGVuY3lfa2V5GAIgASgJSABCCgoIc2VsZWN0b3IiPAoRR2V0Q2hhcmdlUmVzcG9uc2USJwoGY2hhcmdlGAEgASgLMhcuZW50aXRsZW1lbnRzLnYxLkNoYXJnZSrsAgoMQWNjZXNzUmVhc29uEh0KGUFDQ0VTU19SRUFTT05fVU5TUEVDSUZJRUQQABIYChRBQ0NFU1NfUkVBU09OX0FDVElWRRABEhoKFkFDQ0VTU19SRUFTT05fVFJJQUxJTkcQAhIoCiRBQ0NFU1NfUkVBU09OX0NBTkNFTExBVElPTl9TQ0hFRFVMRUQQAxIeChpBQ0NFU1NfUkVBU09OX0dSQUNFX1BFUklPRBAEEiEKHUFDQ0VTU19SRUFTT05fTk9fU1VCU0NSSVBUSU9OEAUSJQohQUNDRVNTX1JFQVNPTl9GRUFUVVJFX05PVF9JTl9QTEFOEAYSJwojQUNDRVNTX1JFQVNPTl9TVUJTQ1JJUFRJT05fSU5BQ1RJVkUQBxIjCh9BQ0NFU1NfUkVBU09OX0NSRURJVFNfRVhIQVVTVEVEEAgSJQohQUNDRVNTX1JFQVNPTl9TVE9SQUdFX1VOQVZBSUxBQkxFEAkqyAEKDVByb3JhdGlvbk1vZGUSHgoaUFJPUkFUSU9OX01PREVfVU5TUEVDSUZJRUQQABInCiNQUk9SQVRJT05fTU9ERV9QUk9SQVRFRF9JTU1FRElBVEVMWRABEiMKH1BST1JBVElPTl9NT0RFX0ZVTExfSU1NRURJQVRFTFkQAhIpCiVQUk9SQVRJT05fTU9ERV9ESUZGRVJFTkNFX0lNTUVESUFURUxZEAMSHgoaUFJPUkFUSU9OX01PREVfRE9fTk9UX0JJTEwQBCptCgtFZmZlY3RpdmVBdBIcChhFRkZFQ1RJVkVfQVRfVU5TUEVDSUZJRUQQABIcChhFRkZFQ1RJVkVfQVRfSU1NRURJQVRFTFkQARIiCh5FRkZFQ1RJVkVfQVRfTkVYVF9CSUxMSU5HX0RBVEUQAip2CgtGZWF0dXJlS2luZBIcChhGRUFUVVJFX0tJTkRfVU5TUEVDSUZJRUQQABIYChRGRUFUVVJFX0tJTkRfQk9PTEVBThABEhYKEkZFQVRVUkVfS0lORF9MSU1JVBACEhcKE0ZFQVRVUkVfS0lORF9DUkVESVQQAyqaAQoMQ2hhcmdlU3RhdHVzEh0KGUNIQVJHRV9TVEFUVVNfVU5TUEVDSUZJRUQQABIZChVDSEFSR0VfU1RBVFVTX1BFTkRJTkcQARIbChdDSEFSR0VfU1RBVFVTX1NVQ0NFRURFRBACEhgKFENIQVJHRV9TVEFUVVNfRkFJTEVEEAMSGQoVQ0hBUkdFX1NUQVRVU19VTktOT1dOEAQytwsKEkVudGl0bGVtZW50U2VydmljZRJYCgtDaGVja0FjY2VzcxIjLmVudGl0bGVtZW50cy52MS5DaGVja0FjY2Vzc1JlcXVlc3QaJC5lbnRpdGxlbWVudHMudjEuQ2hlY2tBY2Nlc3NSZXNwb25zZRJkCg9HZXRTdWJzY3JpcHRpb24SJy5lbnRpdGxlbWVudHMudjEuR2V0U3Vic2NyaXB0aW9uUmVxdWVzdBooLmVudGl0bGVtZW50cy52MS5HZXRTdWJzY3JpcHRpb25SZXNwb25zZRJVCgpDaGFuZ2VQbGFuEiIuZW50aXRsZW1lbnRzLnYxLkNoYW5nZVBsYW5SZXF1ZXN0GiMuZW50aXRsZW1lbnRzLnYxLkNoYW5nZVBsYW5SZXNwb25zZRJhCg5Db25zdW1lQ3JlZGl0cxImLmVudGl0bGVtZW50cy52MS5Db25zdW1lQ3JlZGl0c1JlcXVlc3QaJy5lbnRpdGxlbWVudHMudjEuQ29uc3VtZUNyZWRpdHNSZXNwb25zZRJnChBMaXN0Q3JlZGl0TGVkZ2VyEiguZW50aXRsZW1lbnRzLnYxLkxpc3RDcmVkaXRMZWRnZXJSZXF1ZXN0GikuZW50aXRsZW1lbnRzLnYxLkxpc3RDcmVkaXRMZWRnZXJSZXNwb25zZRJhCg5DcmVhdGVDaGVja291dBImLmVudGl0bGVtZW50cy52MS5DcmVhdGVDaGVja291dFJlcXVlc3QaJy5lbnRpdGxlbWVudHMudjEuQ3JlYXRlQ2hlY2tvdXRSZXNwb25zZRJwChNDcmVhdGVQb3J0YWxTZXNzaW9uEisuZW50aXRsZW1lbnRzLnYxLkNyZWF0ZVBvcnRhbFNlc3Npb25SZXF1ZXN0GiwuZW50aXRsZW1lbnRzLnYxLkNyZWF0ZVBvcnRhbFNlc3Npb25SZXNwb25zZRJtChJDYW5jZWxTdWJzY3JpcHRpb24SKi5lbnRpdGxlbWVudHMudjEuQ2FuY2VsU3Vic2NyaXB0aW9uUmVxdWVzdBorLmVudGl0bGVtZW50cy52MS5DYW5jZWxTdWJzY3JpcHRpb25SZXNwb25zZRJtChJSZXN1bWVTdWJzY3JpcHRpb24SKi5lbnRpdGxlbWVudHMudjEuUmVzdW1lU3Vic2NyaXB0aW9uUmVxdWVzdBorLmVudGl0bGVtZW50cy52MS5SZXN1bWVTdWJzY3JpcHRpb25SZXNwb25zZRJSCglMaXN0UGxhbnMSIS5lbnRpdGxlbWVudHMudjEuTGlzdFBsYW5zUmVxdWVzdBoiLmVudGl0bGVtZW50cy52MS5MaXN0UGxhbnNSZXNwb25zZRJbCgxMaW5rQ3VzdG9tZXISJC5lbnRpdGxlbWVudHMudjEuTGlua0N1c3RvbWVyUmVxdWVzdBolLmVudGl0bGVtZW50cy52MS5MaW5rQ3VzdG9tZXJSZXNwb25zZRJYCgtSZWNvcmRVc2FnZRIjLmVudGl0bGVtZW50cy52MS5SZWNvcmRVc2FnZVJlcXVlc3QaJC5lbnRpdGxlbWVudHMudjEuUmVjb3JkVXNhZ2VSZXNwb25zZRJPCghHZXRVc2FnZRIgLmVudGl0bGVtZW50cy52MS5HZXRVc2FnZVJlcXVlc3QaIS5lbnRpdGxlbWVudHMudjEuR2V0VXNhZ2VSZXNwb25zZRJbCgxDcmVhdGVDaGFyZ2USJC5lbnRpdGxlbWVudHMudjEuQ3JlYXRlQ2hhcmdlUmVxdWVzdBolLmVudGl0bGVtZW50cy52MS5DcmVhdGVDaGFyZ2VSZXNwb25zZRJSCglHZXRDaGFyZ2USIS5lbnRpdGxlbWVudHMudjEuR2V0Q2hhcmdlUmVxdWVzdBoiLmVudGl0bGVtZW50cy52MS5HZXRDaGFyZ2VSZXNwb25zZUJRWk9naXRodWIuY29tL2RvZG8tZW50aXRsZW1lbnRzL2VudGl0bGVtZW50cy9nZW4vZ28vZW50aXRsZW1lbnRzL3YxO2VudGl0bGVtZW50c3YxYgZwcm90bzM", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message entitlements.v1.CheckAccessRequest
@@ -1157,6 +1157,377 @@ export const LinkCustomerResponseSchema: GenMessage<LinkCustomerResponse> = /*@_
   messageDesc(file_entitlements_v1_entitlements, 28);
 
 /**
+ * UsageEvent is one metered thing a customer did.
+ *
+ * @generated from message entitlements.v1.UsageEvent
+ */
+export type UsageEvent = Message<"entitlements.v1.UsageEvent"> & {
+  /**
+   * Unique per customer: a repeated id is a duplicate, whatever its values (the first write wins).
+   *
+   * @generated from field: string event_id = 1;
+   */
+  eventId: string;
+
+  /**
+   * Matched to Dodo meters case-sensitively.
+   *
+   * @generated from field: string event_name = 2;
+   */
+  eventName: string;
+
+  /**
+   * Unset means now; at most 1 h old and 5 min ahead (Dodo refuses anything else).
+   *
+   * @generated from field: google.protobuf.Timestamp timestamp = 3;
+   */
+  timestamp?: Timestamp | undefined;
+
+  /**
+   * Scalar values only (string, number, bool); numbers go to Dodo as JSON numbers.
+   *
+   * @generated from field: map<string, google.protobuf.Value> properties = 4;
+   */
+  properties: { [key: string]: Value };
+};
+
+/**
+ * Describes the message entitlements.v1.UsageEvent.
+ * Use `create(UsageEventSchema)` to create a new message.
+ */
+export const UsageEventSchema: GenMessage<UsageEvent> = /*@__PURE__*/
+  messageDesc(file_entitlements_v1_entitlements, 29);
+
+/**
+ * @generated from message entitlements.v1.RecordUsageRequest
+ */
+export type RecordUsageRequest = Message<"entitlements.v1.RecordUsageRequest"> & {
+  /**
+   * @generated from field: string customer_id = 1;
+   */
+  customerId: string;
+
+  /**
+   * @generated from field: string customer_ref = 2;
+   */
+  customerRef: string;
+
+  /**
+   * 1 to 1000 events, event ids distinct.
+   *
+   * @generated from field: repeated entitlements.v1.UsageEvent events = 3;
+   */
+  events: UsageEvent[];
+};
+
+/**
+ * Describes the message entitlements.v1.RecordUsageRequest.
+ * Use `create(RecordUsageRequestSchema)` to create a new message.
+ */
+export const RecordUsageRequestSchema: GenMessage<RecordUsageRequest> = /*@__PURE__*/
+  messageDesc(file_entitlements_v1_entitlements, 30);
+
+/**
+ * @generated from message entitlements.v1.RecordUsageResponse
+ */
+export type RecordUsageResponse = Message<"entitlements.v1.RecordUsageResponse"> & {
+  /**
+   * Newly recorded (durable before this answer).
+   *
+   * @generated from field: int32 accepted = 1;
+   */
+  accepted: number;
+
+  /**
+   * Already recorded before (not recorded or sent again).
+   *
+   * @generated from field: int32 duplicates = 2;
+   */
+  duplicates: number;
+};
+
+/**
+ * Describes the message entitlements.v1.RecordUsageResponse.
+ * Use `create(RecordUsageResponseSchema)` to create a new message.
+ */
+export const RecordUsageResponseSchema: GenMessage<RecordUsageResponse> = /*@__PURE__*/
+  messageDesc(file_entitlements_v1_entitlements, 31);
+
+/**
+ * @generated from message entitlements.v1.GetUsageRequest
+ */
+export type GetUsageRequest = Message<"entitlements.v1.GetUsageRequest"> & {
+  /**
+   * @generated from field: string customer_id = 1;
+   */
+  customerId: string;
+
+  /**
+   * @generated from field: string customer_ref = 2;
+   */
+  customerRef: string;
+
+  /**
+   * @generated from field: string event_name = 3;
+   */
+  eventName: string;
+
+  /**
+   * Unset: the customer's current billing period (or the last 30 days without one).
+   *
+   * @generated from field: google.protobuf.Timestamp start = 4;
+   */
+  start?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp end = 5;
+   */
+  end?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message entitlements.v1.GetUsageRequest.
+ * Use `create(GetUsageRequestSchema)` to create a new message.
+ */
+export const GetUsageRequestSchema: GenMessage<GetUsageRequest> = /*@__PURE__*/
+  messageDesc(file_entitlements_v1_entitlements, 32);
+
+/**
+ * UsageDelivery counts events by where they are on their way to Dodo.
+ *
+ * @generated from message entitlements.v1.UsageDelivery
+ */
+export type UsageDelivery = Message<"entitlements.v1.UsageDelivery"> & {
+  /**
+   * @generated from field: int64 pending = 1;
+   */
+  pending: bigint;
+
+  /**
+   * @generated from field: int64 delivered = 2;
+   */
+  delivered: bigint;
+
+  /**
+   * @generated from field: int64 rejected = 3;
+   */
+  rejected: bigint;
+
+  /**
+   * @generated from field: int64 expired = 4;
+   */
+  expired: bigint;
+};
+
+/**
+ * Describes the message entitlements.v1.UsageDelivery.
+ * Use `create(UsageDeliverySchema)` to create a new message.
+ */
+export const UsageDeliverySchema: GenMessage<UsageDelivery> = /*@__PURE__*/
+  messageDesc(file_entitlements_v1_entitlements, 33);
+
+/**
+ * @generated from message entitlements.v1.GetUsageResponse
+ */
+export type GetUsageResponse = Message<"entitlements.v1.GetUsageResponse"> & {
+  /**
+   * @generated from field: int64 count = 1;
+   */
+  count: bigint;
+
+  /**
+   * Numeric property to its sum (decimal string).
+   *
+   * @generated from field: map<string, string> sums = 2;
+   */
+  sums: { [key: string]: string };
+
+  /**
+   * @generated from field: entitlements.v1.UsageDelivery delivery = 3;
+   */
+  delivery?: UsageDelivery | undefined;
+};
+
+/**
+ * Describes the message entitlements.v1.GetUsageResponse.
+ * Use `create(GetUsageResponseSchema)` to create a new message.
+ */
+export const GetUsageResponseSchema: GenMessage<GetUsageResponse> = /*@__PURE__*/
+  messageDesc(file_entitlements_v1_entitlements, 34);
+
+/**
+ * Charge is one on-demand charge of a subscription.
+ *
+ * @generated from message entitlements.v1.Charge
+ */
+export type Charge = Message<"entitlements.v1.Charge"> & {
+  /**
+   * @generated from field: string charge_id = 1;
+   */
+  chargeId: string;
+
+  /**
+   * @generated from field: string subscription_id = 2;
+   */
+  subscriptionId: string;
+
+  /**
+   * Minor units of `currency`.
+   *
+   * @generated from field: int64 amount = 3;
+   */
+  amount: bigint;
+
+  /**
+   * @generated from field: string currency = 4;
+   */
+  currency: string;
+
+  /**
+   * @generated from field: entitlements.v1.ChargeStatus status = 5;
+   */
+  status: ChargeStatus;
+
+  /**
+   * @generated from field: string payment_id = 6;
+   */
+  paymentId: string;
+
+  /**
+   * Dodo's error code for a declined or refused charge.
+   *
+   * @generated from field: string error_code = 7;
+   */
+  errorCode: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp created_at = 8;
+   */
+  createdAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message entitlements.v1.Charge.
+ * Use `create(ChargeSchema)` to create a new message.
+ */
+export const ChargeSchema: GenMessage<Charge> = /*@__PURE__*/
+  messageDesc(file_entitlements_v1_entitlements, 35);
+
+/**
+ * @generated from message entitlements.v1.CreateChargeRequest
+ */
+export type CreateChargeRequest = Message<"entitlements.v1.CreateChargeRequest"> & {
+  /**
+   * @generated from field: string subscription_id = 1;
+   */
+  subscriptionId: string;
+
+  /**
+   * Minor units, greater than zero.
+   *
+   * @generated from field: int64 amount = 2;
+   */
+  amount: bigint;
+
+  /**
+   * Empty: the product's currency.
+   *
+   * @generated from field: string currency = 3;
+   */
+  currency: string;
+
+  /**
+   * @generated from field: string description = 4;
+   */
+  description: string;
+
+  /**
+   * @generated from field: map<string, string> metadata = 5;
+   */
+  metadata: { [key: string]: string };
+
+  /**
+   * @generated from field: string idempotency_key = 6;
+   */
+  idempotencyKey: string;
+};
+
+/**
+ * Describes the message entitlements.v1.CreateChargeRequest.
+ * Use `create(CreateChargeRequestSchema)` to create a new message.
+ */
+export const CreateChargeRequestSchema: GenMessage<CreateChargeRequest> = /*@__PURE__*/
+  messageDesc(file_entitlements_v1_entitlements, 36);
+
+/**
+ * @generated from message entitlements.v1.CreateChargeResponse
+ */
+export type CreateChargeResponse = Message<"entitlements.v1.CreateChargeResponse"> & {
+  /**
+   * @generated from field: entitlements.v1.Charge charge = 1;
+   */
+  charge?: Charge | undefined;
+
+  /**
+   * @generated from field: bool replayed = 2;
+   */
+  replayed: boolean;
+};
+
+/**
+ * Describes the message entitlements.v1.CreateChargeResponse.
+ * Use `create(CreateChargeResponseSchema)` to create a new message.
+ */
+export const CreateChargeResponseSchema: GenMessage<CreateChargeResponse> = /*@__PURE__*/
+  messageDesc(file_entitlements_v1_entitlements, 37);
+
+/**
+ * @generated from message entitlements.v1.GetChargeRequest
+ */
+export type GetChargeRequest = Message<"entitlements.v1.GetChargeRequest"> & {
+  /**
+   * @generated from oneof entitlements.v1.GetChargeRequest.selector
+   */
+  selector: {
+    /**
+     * @generated from field: string charge_id = 1;
+     */
+    value: string;
+    case: "chargeId";
+  } | {
+    /**
+     * @generated from field: string idempotency_key = 2;
+     */
+    value: string;
+    case: "idempotencyKey";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message entitlements.v1.GetChargeRequest.
+ * Use `create(GetChargeRequestSchema)` to create a new message.
+ */
+export const GetChargeRequestSchema: GenMessage<GetChargeRequest> = /*@__PURE__*/
+  messageDesc(file_entitlements_v1_entitlements, 38);
+
+/**
+ * @generated from message entitlements.v1.GetChargeResponse
+ */
+export type GetChargeResponse = Message<"entitlements.v1.GetChargeResponse"> & {
+  /**
+   * @generated from field: entitlements.v1.Charge charge = 1;
+   */
+  charge?: Charge | undefined;
+};
+
+/**
+ * Describes the message entitlements.v1.GetChargeResponse.
+ * Use `create(GetChargeResponseSchema)` to create a new message.
+ */
+export const GetChargeResponseSchema: GenMessage<GetChargeResponse> = /*@__PURE__*/
+  messageDesc(file_entitlements_v1_entitlements, 39);
+
+/**
  * AccessReason says why access was granted or denied.
  *
  * @generated from enum entitlements.v1.AccessReason
@@ -1329,6 +1700,46 @@ export const FeatureKindSchema: GenEnum<FeatureKind> = /*@__PURE__*/
   enumDesc(file_entitlements_v1_entitlements, 3);
 
 /**
+ * @generated from enum entitlements.v1.ChargeStatus
+ */
+export enum ChargeStatus {
+  /**
+   * @generated from enum value: CHARGE_STATUS_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Sent to Dodo (or about to be); no payment outcome yet.
+   *
+   * @generated from enum value: CHARGE_STATUS_PENDING = 1;
+   */
+  PENDING = 1,
+
+  /**
+   * @generated from enum value: CHARGE_STATUS_SUCCEEDED = 2;
+   */
+  SUCCEEDED = 2,
+
+  /**
+   * @generated from enum value: CHARGE_STATUS_FAILED = 3;
+   */
+  FAILED = 3,
+
+  /**
+   * Dodo's answer was lost: resolved from Dodo's payments and payment webhooks before anything is sent again.
+   *
+   * @generated from enum value: CHARGE_STATUS_UNKNOWN = 4;
+   */
+  UNKNOWN = 4,
+}
+
+/**
+ * Describes the enum entitlements.v1.ChargeStatus.
+ */
+export const ChargeStatusSchema: GenEnum<ChargeStatus> = /*@__PURE__*/
+  enumDesc(file_entitlements_v1_entitlements, 4);
+
+/**
  * EntitlementService answers access questions, exposes subscription state, changes plans and meters credits.
  *
  * @generated from service entitlements.v1.EntitlementService
@@ -1443,6 +1854,46 @@ export const EntitlementService: GenService<{
     methodKind: "unary";
     input: typeof LinkCustomerRequestSchema;
     output: typeof LinkCustomerResponseSchema;
+  },
+  /**
+   * RecordUsage records usage events durably and ships them to Dodo's meters exactly once.
+   *
+   * @generated from rpc entitlements.v1.EntitlementService.RecordUsage
+   */
+  recordUsage: {
+    methodKind: "unary";
+    input: typeof RecordUsageRequestSchema;
+    output: typeof RecordUsageResponseSchema;
+  },
+  /**
+   * GetUsage counts and sums a customer's recorded usage of one event name.
+   *
+   * @generated from rpc entitlements.v1.EntitlementService.GetUsage
+   */
+  getUsage: {
+    methodKind: "unary";
+    input: typeof GetUsageRequestSchema;
+    output: typeof GetUsageResponseSchema;
+  },
+  /**
+   * CreateCharge charges a subscription on demand, never twice for one idempotency key.
+   *
+   * @generated from rpc entitlements.v1.EntitlementService.CreateCharge
+   */
+  createCharge: {
+    methodKind: "unary";
+    input: typeof CreateChargeRequestSchema;
+    output: typeof CreateChargeResponseSchema;
+  },
+  /**
+   * GetCharge reads a charge by id or by the idempotency key that created it.
+   *
+   * @generated from rpc entitlements.v1.EntitlementService.GetCharge
+   */
+  getCharge: {
+    methodKind: "unary";
+    input: typeof GetChargeRequestSchema;
+    output: typeof GetChargeResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_entitlements_v1_entitlements, 0);
