@@ -6,19 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import ipaddress
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from entitlements.v1 import entitlements_pb2 as pb
 
 from tests.fakedodo import FakeDodo
@@ -115,66 +109,3 @@ async def known_subscription(
 
 
 # --- TLS -----------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Issued:
-    key: ec.EllipticCurvePrivateKey
-    certificate: x509.Certificate
-    key_path: Path
-    cert_path: Path
-
-
-def issue(folder: Path, name: str, *, issuer: Issued | None, server: bool = False, client: bool = False) -> Issued:
-    """A key and certificate: a self-signed CA without `issuer`, else a leaf for 127.0.0.1/localhost it signs."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.certificate.subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-    )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-    if client:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-    certificate = builder.sign(issuer.key if issuer else key, hashes.SHA256())
-    key_path, cert_path = folder / f"{name}.key", folder / f"{name}.crt"
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return Issued(key, certificate, key_path, cert_path)
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: Issued
-    server: Issued
-    client: Issued
-
-    def server_env(self) -> dict[str, str]:
-        """Settings for a server that speaks TLS and requires client certificates this CA signed (mTLS)."""
-        return {
-            "ENTITLEMENTS_TLS_CERT": str(self.server.cert_path),
-            "ENTITLEMENTS_TLS_KEY": str(self.server.key_path),
-            "ENTITLEMENTS_TLS_CLIENT_CA": str(self.ca.cert_path),
-        }
-
-
-def make_pki(folder: Path) -> Pki:
-    ca = issue(folder, "client-test-ca", issuer=None)
-    return Pki(
-        ca=ca,
-        server=issue(folder, "server", issuer=ca, server=True),
-        client=issue(folder, "client", issuer=ca, client=True),
-    )

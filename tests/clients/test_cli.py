@@ -29,10 +29,10 @@ from tests.clients.python_client_support import (
     Flaky,
     flaky_front,
     known_subscription,
-    make_pki,
     pro_customer,
 )
 from tests.fakedodo import ADDON_EXTRA_SEAT, FakeDodo
+from tests.pki import make_pki
 from tests.support import API_TOKEN, CUSTOMER_ID, PRO, SUB_ID, TEAM, FakeClock, WebhookPoster, make_settings
 
 UNKNOWN_CUSTOMER = "cus_0Zz9Yy8Xx7Ww6Vv5Uu4Tt"

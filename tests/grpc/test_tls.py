@@ -4,19 +4,12 @@ a client CA only clients holding a certificate that CA signed."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from entitlements.v1 import entitlements_pb2 as pb
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 
@@ -24,6 +17,7 @@ from service.domain.catalog import Catalog
 from service.domain.errors import ConfigurationError
 from service.server import Running, start
 from storage.engine import Database
+from tests.pki import Issued, Pki, make_pki
 from tests.support import API_TOKEN, FakeClock, make_settings
 
 AUTH = (("authorization", f"Bearer {API_TOKEN}"),)
@@ -32,92 +26,9 @@ CHECK = pb.CheckAccessRequest(customer_id="cus_0Zz9Yy8Xx7Ww6Vv5Uu4Tt", feature="
 CALL_TIMEOUT = 5.0
 
 
-@dataclass(frozen=True)
-class Issued:
-    """A key and its certificate, as PEM bytes and as files."""
-
-    key_pem: bytes
-    cert_pem: bytes
-    key_path: Path
-    cert_path: Path
-    certificate: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
-
-
-def _issue(
-    folder: Path,
-    name: str,
-    *,
-    issuer: Issued | None,
-    ca: bool = False,
-    server: bool = False,
-    client: bool = False,
-) -> Issued:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.certificate.subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-    if client:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-    certificate = builder.sign(issuer.key if issuer else key, hashes.SHA256())
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
-    key_path, cert_path = folder / f"{name}.key", folder / f"{name}.crt"
-    key_path.write_bytes(key_pem)
-    cert_path.write_bytes(cert_pem)
-    return Issued(key_pem, cert_pem, key_path, cert_path, certificate, key)
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: Issued
-    server: Issued
-    client: Issued
-    stranger: Issued  # a client certificate signed by another CA
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    folder = tmp_path_factory.mktemp("pki")
-    ca = _issue(folder, "test-ca", issuer=None, ca=True)
-    other_ca = _issue(folder, "other-ca", issuer=None, ca=True)
-    return Pki(
-        ca=ca,
-        server=_issue(folder, "server", issuer=ca, server=True),
-        client=_issue(folder, "client", issuer=ca, client=True),
-        stranger=_issue(folder, "stranger", issuer=other_ca, client=True),
-    )
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @asynccontextmanager
