@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--subscription", action="append", metavar="ID", help="this subscription (repeatable)")
     which.add_argument("--stale", action="store_true", help="those whose local state may be out of date")
     which.add_argument("--all", action="store_true", help="every stored subscription")
+    which.add_argument(
+        "--credits", action="store_true", help="report drift between our and Dodo's balances of Dodo-linked credits"
+    )
     args = parser.parse_args(argv)
     configure_logging(logging.INFO)
     try:
@@ -55,8 +58,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "reconcile":
         import uvloop
 
-        from service.reconcile_cli import run_reconcile
+        from service.reconcile_cli import run_credit_report, run_reconcile
 
+        if args.credits:
+            return uvloop.run(run_credit_report(settings))
         return uvloop.run(run_reconcile(settings, subscriptions=args.subscription, stale=args.stale))
     if args.command == "serve":
         import uvloop

@@ -25,6 +25,7 @@ from service.app.background import BackgroundTasks
 from service.app.change_feed import ChangeFeed
 from service.app.charges import Charges
 from service.app.checkouts import Checkouts
+from service.app.credit_mirror import CreditMirror
 from service.app.credit_service import CreditService
 from service.app.customers import Customers
 from service.app.dodo_gateway import DodoGateway
@@ -162,6 +163,16 @@ async def start(
             # Longer than any one request to Dodo can take, so a live sender's claim is never taken over.
             lease=timedelta(seconds=max(60.0, 3 * settings.dodo_timeout_seconds)),
         ).start(tasks)
+        if settings.credit_mirror_poll_seconds > 0:
+            CreditMirror(
+                db,
+                dodo,
+                limiter=RateLimiter(settings.credit_mirror_rate_per_minute),
+                close_after=settings.credit_mirror_close_seconds,
+                poll_interval=settings.credit_mirror_poll_seconds,
+                # Longer than any one request to Dodo can take, so a live sender's claim is never taken over.
+                lease=max(60.0, 3 * settings.dodo_timeout_seconds),
+            ).start(tasks)
         charges = Charges(
             db,
             dodo,

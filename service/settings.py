@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     # The usage sender's share of Dodo's account-wide 240 requests/min (per process), and its idle poll.
     usage_rate_per_minute: int = Field(120, alias="ENTITLEMENTS_USAGE_RATE_PER_MINUTE", ge=1)
     usage_poll_seconds: float = Field(1.0, alias="ENTITLEMENTS_USAGE_POLL_SECONDS", gt=0)
+    # The credit mirror (service/app/credit_mirror.py): how old an open batch gets before it is sent, how often the
+    # sender looks (0 = no sender in this process), and its share of Dodo's account-wide rate limit.
+    credit_mirror_close_seconds: float = Field(5.0, alias="ENTITLEMENTS_CREDIT_MIRROR_CLOSE_SECONDS", ge=0)
+    credit_mirror_poll_seconds: float = Field(1.0, alias="ENTITLEMENTS_CREDIT_MIRROR_POLL_SECONDS", ge=0)
+    credit_mirror_rate_per_minute: int = Field(60, alias="ENTITLEMENTS_CREDIT_MIRROR_RATE_PER_MINUTE", ge=1)
     # CreateCharge: how long a sent charge may still land at Dodo (above the Dodo timeout), and how often the
     # background resolver looks at charges whose answer was lost (0 = only when the caller retries).
     charge_lease_seconds: float = Field(60.0, alias="ENTITLEMENTS_CHARGE_LEASE_SECONDS", gt=0)

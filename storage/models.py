@@ -102,7 +102,7 @@ class WebhookInbox(Base):
     event_timestamp: Mapped[datetime] = mapped_column(Timestamp)
     business_id: Mapped[str] = mapped_column(Text, default="", server_default="")
     payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
-    # applied | stale | recorded | ignored | duplicate_entry (service/app/webhook_ingest.py: Outcome)
+    # applied | stale | recorded | ignored | duplicate_entry | mirror_echo (service/app/webhook_ingest.py: Outcome)
     status: Mapped[str] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     subject_id: Mapped[str | None] = mapped_column(Text, index=True)

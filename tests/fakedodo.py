@@ -2,7 +2,8 @@
 
 It speaks the real paths, request bodies, response shapes and error bodies (`{"code", "message"}`) of the
 endpoints the service uses (DESIGN §8): subscriptions (read, change-plan and its preview, PATCH), checkout
-sessions, customer-portal sessions, the product list, on-demand charges and the payment list. It keeps its state
+sessions, customer-portal sessions, the product list, on-demand charges and the payment list, usage events, and
+credit ledgers (ledger-entries POST, ledger list, balance read). It keeps its state
 in plain dicts that tests read and edit,
 records every request it receives, and can be told to fail in the ways production will: error statuses, hangs
 longer than the client's timeout, added latency, "applied the change, then lost the answer", and "applied the
@@ -32,6 +33,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from aiohttp import web
@@ -239,6 +241,18 @@ class FakeDodo:
         # On-demand charges: payment id -> the Payment JSON (GET /payments items and payment.* webhook data).
         self.payments: dict[str, dict[str, Any]] = {}
         self.product_overrides: dict[str, dict[str, Any]] = {}
+        # Credit ledgers: (credit_entitlement_id, customer_id) -> the entries, oldest first (CreditLedgerEntry JSON),
+        # the running balance and overage, and the idempotency keys of ledger-entries POSTs (key -> entry id).
+        self.credit_ledgers: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self.credit_balances: dict[tuple[str, str], Decimal] = {}
+        self.credit_overage: dict[tuple[str, str], Decimal] = {}
+        self.overage_limits: dict[str, Decimal] = {}
+        self.ledger_keys: dict[tuple[str, str, str], str] = {}
+        # When set, a ledger-entries POST is applied at once but answered only once the event is set: the window in
+        # which Dodo's webhook for the entry can reach the service before the POST's own answer does.
+        self.ledger_answer_gate: asyncio.Event | None = None
+        self.ledger_answer_held = asyncio.Event()
+        """Set once a POST has been applied and is being held at `ledger_answer_gate`."""
         self.requests: list[RecordedRequest] = []
         self.latency: float = 0.0
         self.hang_seconds: float = 5.0
@@ -526,6 +540,10 @@ class FakeDodo:
         app.router.add_post("/events/ingest", self._ingest_events)
         app.router.add_post("/subscriptions/{subscription_id}/charge", self._charge_subscription)
         app.router.add_get("/payments", self._list_payments)
+        ledger = "/credit-entitlements/{credit_entitlement_id}/balances/{customer_id}"
+        app.router.add_post(ledger + "/ledger-entries", self._create_ledger_entry)
+        app.router.add_get(ledger + "/ledger", self._list_ledger)
+        app.router.add_get(ledger, self._get_credit_balance)
         return app
 
     @web.middleware
@@ -775,6 +793,169 @@ class FakeDodo:
             "timestamp": _iso(self.now()),
             "data": copy.deepcopy(payment),
         }
+
+    # ------------------------------------------------------------------ credit ledgers
+
+    def credit_balance(self, credit_entitlement_id: str, customer_id: str) -> Decimal:
+        return self.credit_balances.get((credit_entitlement_id, customer_id), Decimal(0))
+
+    def ledger_of(self, credit_entitlement_id: str, customer_id: str) -> list[dict[str, Any]]:
+        return self.credit_ledgers.get((credit_entitlement_id, customer_id), [])
+
+    def add_ledger_entry(
+        self,
+        credit_entitlement_id: str,
+        customer_id: str,
+        amount: Decimal | str | int,
+        *,
+        is_credit: bool,
+        transaction_type: str | None = None,
+        description: str | None = None,
+        reference_type: str | None = None,
+    ) -> dict[str, Any]:
+        """Record an entry as Dodo would (a grant, a dashboard adjustment, an API entry) and return it. Debits take
+        the balance down (below zero into overage); the caller decides whether that was allowed."""
+        key = (credit_entitlement_id, customer_id)
+        value = Decimal(str(amount))
+        before = self.credit_balance(*key)
+        overage_before = self.credit_overage.get(key, Decimal(0))
+        after = before + value if is_credit else before - value
+        overage_after = max(-after, Decimal(0))
+        self.credit_balances[key] = after
+        self.credit_overage[key] = overage_after
+        self.customers.add(customer_id)
+        entry: dict[str, Any] = {
+            "payload_type": "CreditLedgerEntry",
+            "id": _new_id("cle"),
+            "business_id": "bus_0NmY7fQz4kR2sT8vW1xJa",
+            "brand_id": "brd_3Kp9Lw2Qx7Rt5Vb1Nm8Zc",
+            "customer_id": customer_id,
+            "credit_entitlement_id": credit_entitlement_id,
+            "grant_id": _new_id("cgr") if is_credit else None,
+            "transaction_type": transaction_type or ("credit_added" if is_credit else "credit_deducted"),
+            "is_credit": is_credit,
+            "amount": format(value, "f"),
+            "balance_before": format(before, "f"),
+            "balance_after": format(after, "f"),
+            "overage_before": format(overage_before, "f"),
+            "overage_after": format(overage_after, "f"),
+            "description": description,
+            "reference_type": reference_type,
+            "reference_id": None,
+            "metadata": {},
+            "created_at": _iso(self.now()),
+        }
+        self.credit_ledgers.setdefault(key, []).append(entry)
+        return entry
+
+    def ledger_webhook(self, entry: dict[str, Any], event_type: str | None = None) -> dict[str, Any]:
+        """The `credit.*` webhook body Dodo sends for a ledger entry (for an API debit, `credit.deducted`)."""
+        return {
+            "business_id": entry["business_id"],
+            "type": event_type or f"credit.{entry['transaction_type'].removeprefix('credit_')}",
+            "timestamp": entry["created_at"],
+            "data": copy.deepcopy(entry),
+        }
+
+    def _ledger_key(self, request: web.Request) -> tuple[str, str]:
+        return (request.match_info["credit_entitlement_id"], request.match_info["customer_id"])
+
+    async def _create_ledger_entry(self, request: web.Request) -> web.StreamResponse:
+        """POST .../ledger-entries: 409 on a repeated idempotency key (of the same balance), 400 on a debit beyond
+        the balance plus `overage_limits[cent]`; 201 with the entry (BalanceCreateLedgerEntryResponse's shape)."""
+        cent, customer_id = key = self._ledger_key(request)
+        body = request[_JSON_BODY]
+        if not isinstance(body, dict):
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "Expected a JSON object body")
+        entry_type = body.get("entry_type")
+        if entry_type not in ("credit", "debit"):
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "entry_type must be credit or debit")
+        raw_amount = body.get("amount")
+        try:
+            amount = Decimal(raw_amount) if isinstance(raw_amount, str) else Decimal("nan")
+        except ArithmeticError:
+            amount = Decimal("nan")
+        if not amount.is_finite() or amount <= 0:
+            raise FakeDodoError(422, "INVALID_REQUEST_BODY", "amount must be a positive decimal string")
+        idempotency_key = body.get("idempotency_key")
+        if idempotency_key is not None and (cent, customer_id, idempotency_key) in self.ledger_keys:
+            raise FakeDodoError(409, "CONFLICT", "Idempotency key already exists")
+        if entry_type == "debit":
+            headroom = self.credit_balance(*key) + self.overage_limits.get(cent, Decimal(0))
+            if amount > headroom:
+                raise FakeDodoError(400, "INSUFFICIENT_BALANCE", "Insufficient credit balance for debit")
+        reason = body.get("reason")
+        entry = self.add_ledger_entry(
+            cent,
+            customer_id,
+            amount,
+            is_credit=entry_type == "credit",
+            transaction_type="credit_added" if entry_type == "credit" else "credit_deducted",
+            description=reason if isinstance(reason, str) else None,
+            reference_type="api",
+        )
+        if idempotency_key is not None:
+            self.ledger_keys[(cent, customer_id, idempotency_key)] = entry["id"]
+        answer = {
+            name: entry[name]
+            for name in (
+                "id",
+                "amount",
+                "balance_before",
+                "balance_after",
+                "overage_before",
+                "overage_after",
+                "created_at",
+                "credit_entitlement_id",
+                "customer_id",
+                "is_credit",
+                "grant_id",
+            )
+        }
+        answer.update(entry_type=entry_type, reason=reason, metadata=body.get("metadata") or {})
+        if self.ledger_answer_gate is not None:
+            self.ledger_answer_held.set()
+            await self.ledger_answer_gate.wait()
+        return web.json_response(answer, status=201)
+
+    async def _list_ledger(self, request: web.Request) -> web.StreamResponse:
+        try:
+            page_number = int(request.query.get("page_number", "0"))
+            page_size = int(request.query.get("page_size", "10"))
+        except ValueError:
+            raise FakeDodoError(422, "INVALID_QUERY", "page_number and page_size must be integers") from None
+        if page_number < 0 or not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise FakeDodoError(422, "INVALID_QUERY", f"page_size must be 1 to {MAX_PAGE_SIZE}, page_number >= 0")
+        start = request.query.get("start_date")
+        since = _parse_dt(start.replace("Z", "+00:00")) if start else None
+        wanted = request.query.get("transaction_type")
+        matching = [
+            entry
+            for entry in self.ledger_of(*self._ledger_key(request))
+            if (since is None or _parse_dt(entry["created_at"].replace("Z", "+00:00")) >= since)
+            and (wanted is None or entry["transaction_type"] == wanted)
+        ]
+        matching.reverse()  # newest first
+        first = page_number * page_size
+        return web.json_response({"items": [copy.deepcopy(e) for e in matching[first : first + page_size]]})
+
+    async def _get_credit_balance(self, request: web.Request) -> web.StreamResponse:
+        key = self._ledger_key(request)
+        entries = self.ledger_of(*key)
+        if key not in self.credit_balances:
+            raise FakeDodoError(404, "NOT_FOUND", f"No balance for customer {key[1]}")
+        return web.json_response(
+            {
+                "id": f"ceb_{key[0]}_{key[1]}",
+                "credit_entitlement_id": key[0],
+                "customer_id": key[1],
+                "balance": format(self.credit_balances[key], "f"),
+                "overage": format(self.credit_overage.get(key, Decimal(0)), "f"),
+                "created_at": entries[0]["created_at"] if entries else _iso(self.now()),
+                "updated_at": entries[-1]["created_at"] if entries else _iso(self.now()),
+                "last_transaction_at": entries[-1]["created_at"] if entries else None,
+            }
+        )
 
     async def _ingest_events(self, request: web.Request) -> web.StreamResponse:
         """Dodo's rules: 1–1000 events; one bad event (a duplicate id inside the request, a timestamp older than

@@ -254,6 +254,9 @@ def make_settings(database_url: str, **overrides: str) -> Settings:
         "ENTITLEMENTS_GRPC_ADDR": "127.0.0.1:0",
         "ENTITLEMENTS_HTTP_ADDR": "127.0.0.1:0",
         "ENTITLEMENTS_API_TOKENS": API_TOKEN,
+        # The credit mirror's sender would POST consumptions of `api_calls` to the fake Dodo behind any test's back;
+        # tests/app/test_credit_mirror.py drives it (and turns the process's own sender on where it means to).
+        "ENTITLEMENTS_CREDIT_MIRROR_POLL_SECONDS": "0",
         **overrides,
     }
     return Settings.model_validate(env)

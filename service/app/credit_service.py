@@ -44,7 +44,7 @@ from service.domain.errors import (
 from service.domain.values import AccessReason, Account, FeatureKind, LedgerEntry
 from storage.engine import Budget, Database
 from storage.errors import is_outage
-from storage.repositories.credits import CreditRepository, StoredEntry
+from storage.repositories.credits import CreditRepository, MirrorAdd, StoredEntry
 
 log = logging.getLogger("entitlements.credits")
 
@@ -322,17 +322,31 @@ class CreditService:
         for key, account in accounts.items():
             accounts[key], expiries[key] = credits.expire(account, now)
         decided: list[tuple[_Pending, ConsumeResult | DomainError]] = []
+        # What this batch consumed from Dodo-linked credits, per account: it joins the account's open mirror batch
+        # in the same statement as the ledger rows (refused and replayed requests consumed nothing).
+        mirrored: dict[tuple[str, str], Decimal] = {}
         for pending in batch:
             outcome = self._one(pending, seen, accounts)
             if isinstance(outcome, _Spent):
                 touched[pending.account_key] = accounts[pending.account_key]
                 entries.extend(expiries.pop(pending.account_key, ()))
                 entries.append(outcome.entry)
+                if self.catalog.credits[pending.request.credit].dodo_credit_entitlement_id:
+                    key = pending.account_key
+                    mirrored[key] = decimals.MATH.add(mirrored.get(key, decimals.ZERO), pending.amount)
                 outcome = outcome.result
             decided.append((pending, outcome))
         if touched:
-            await repository.save(list(touched.values()), entries)
+            await repository.save(list(touched.values()), entries, self._mirror_adds(mirrored))
         return decided, deferred
+
+    def _mirror_adds(self, mirrored: dict[tuple[str, str], Decimal]) -> list[MirrorAdd]:
+        adds: list[MirrorAdd] = []
+        for (customer_id, credit), amount in mirrored.items():
+            entitlement = self.catalog.credits[credit].dodo_credit_entitlement_id
+            assert entitlement is not None  # only linked credits are collected
+            adds.append(MirrorAdd(customer_id, credit, entitlement, amount))
+        return adds
 
     def _one(
         self, pending: _Pending, seen: dict[tuple[str, str], LedgerEntry], accounts: dict[tuple[str, str], Account]

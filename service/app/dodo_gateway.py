@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any, Literal, NoReturn, TypeVar, cast
 
 import dodopayments
@@ -35,8 +36,16 @@ from dodopayments.types.metadata_param import MetadataParam
 from dodopayments.types.product_item_req_param import ProductItemReqParam
 
 from service.app.metrics import Metrics
+from service.domain import decimals
 from service.domain.clock import Clock, utc_now
-from service.domain.dodo_payloads import DodoSubscription, loads, read_subscription
+from service.domain.dodo_payloads import (
+    DodoLedgerEntry,
+    DodoSubscription,
+    loads,
+    parse_decimal,
+    read_ledger_entry,
+    read_subscription,
+)
 from service.domain.errors import (
     CustomerNotFound,
     DodoMisconfigured,
@@ -91,6 +100,19 @@ class PlanChangePreview:
 PAYMENTS_PAGE_SIZE = 100
 """Dodo's documented maximum page size for GET /payments."""
 PAYMENTS_MAX_PAGES = 20
+
+
+LEDGER_PAGE_SIZE = 100
+"""The SDK's documented maximum page size for the credit ledger list."""
+LEDGER_MAX_PAGES = 20
+
+
+@dataclass(frozen=True, slots=True)
+class DodoCreditBalance:
+    """GET /credit-entitlements/{cent}/balances/{customer_id}: the balance and the overage used."""
+
+    balance: Decimal
+    overage: Decimal
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,6 +491,98 @@ class DodoGateway:
             log.warning("dodo.unreadable", extra={"operation": "ingest_events", **facts, "why": "no ingested_count"})
             raise DodoUnavailable("Dodo returned an unreadable ingest answer", status=raw.status_code)
         return count
+
+    async def create_ledger_debit(
+        self, credit_entitlement_id: str, customer_id: str, *, amount: Decimal, idempotency_key: str, reason: str
+    ) -> DodoLedgerEntry:
+        """POST /credit-entitlements/{cent}/balances/{customer_id}/ledger-entries with `entry_type: debit`, sent
+        once (retries off: the caller resends with the same `idempotency_key`). The created entry, read like a
+        webhook's `data` (its `entry_id` is what the `credit.*` echo carries). A repeated key is `DodoRefused`
+        409, insufficient balance `DodoRefused` 400; 5xx and timeouts `DodoUnavailable`."""
+        client = self._client(self._writer, "create_ledger_debit")
+        facts = {"customer_id": customer_id, "credit_entitlement_id": credit_entitlement_id}
+        with self._translate("create_ledger_debit", not_found=None, **facts, idempotency_key=idempotency_key):
+            raw = await client.credit_entitlements.balances.with_raw_response.create_ledger_entry(
+                customer_id,
+                credit_entitlement_id=credit_entitlement_id,
+                amount=decimals.decimal_text(amount),
+                entry_type="debit",
+                idempotency_key=idempotency_key,
+                reason=reason,
+            )
+            data = await self._json(raw, "create_ledger_debit", facts)
+        try:
+            if not isinstance(data, dict):
+                raise MalformedPayload("not a JSON object")
+            return read_ledger_entry(data)
+        except MalformedPayload as error:
+            log.warning("dodo.unreadable", extra={"operation": "create_ledger_debit", **facts, "why": error.message})
+            raise DodoUnavailable("Dodo returned an unreadable ledger entry", status=raw.status_code) from None
+
+    async def list_ledger(
+        self,
+        credit_entitlement_id: str,
+        customer_id: str,
+        *,
+        start: datetime | None = None,
+        max_pages: int = LEDGER_MAX_PAGES,
+    ) -> list[DodoLedgerEntry]:
+        """GET /credit-entitlements/{cent}/balances/{customer_id}/ledger (every page from `start` on, up to
+        `max_pages`), through the retrying reader. An unreadable page fails the whole list."""
+        client = self._client(self._reader, "list_ledger")
+        facts = {"customer_id": customer_id, "credit_entitlement_id": credit_entitlement_id}
+        entries: dict[str, DodoLedgerEntry] = {}
+        with self._translate("list_ledger", not_found=None, **facts):
+            for page_number in range(max_pages):
+                raw = await client.credit_entitlements.balances.with_raw_response.list_ledger(
+                    customer_id,
+                    credit_entitlement_id=credit_entitlement_id,
+                    start_date=start if start is not None else dodopayments.omit,
+                    page_number=page_number,
+                    page_size=LEDGER_PAGE_SIZE,
+                )
+                data = await self._json(raw, "list_ledger", facts, outcome_unknown=False)
+                items = data.get("items") if isinstance(data, dict) else None
+                try:
+                    if not isinstance(items, list):
+                        raise MalformedPayload("no items")
+                    for item in items:
+                        if not isinstance(item, dict):
+                            raise MalformedPayload("an item is not an object")
+                        entry = read_ledger_entry(item)
+                        entries.setdefault(entry.entry_id, entry)
+                except MalformedPayload as error:
+                    log.warning("dodo.unreadable", extra={"operation": "list_ledger", **facts, "why": error.message})
+                    raise DodoUnavailable(
+                        "Dodo returned an unreadable ledger", status=raw.status_code, outcome_unknown=False
+                    ) from None
+                if len(items) < LEDGER_PAGE_SIZE:
+                    return list(entries.values())
+        raise DodoUnavailable("too many ledger entries to search", outcome_unknown=False)
+
+    async def get_credit_balance(self, credit_entitlement_id: str, customer_id: str) -> DodoCreditBalance:
+        """GET /credit-entitlements/{cent}/balances/{customer_id}, through the retrying reader."""
+        client = self._client(self._reader, "get_credit_balance")
+        facts = {"customer_id": customer_id, "credit_entitlement_id": credit_entitlement_id}
+        with self._translate("get_credit_balance", not_found=_no_customer(customer_id), **facts):
+            raw = await client.credit_entitlements.balances.with_raw_response.retrieve(
+                customer_id, credit_entitlement_id=credit_entitlement_id
+            )
+            data = await self._json(raw, "get_credit_balance", facts, outcome_unknown=False)
+        try:
+            if not isinstance(data, dict):
+                raise MalformedPayload("not a JSON object")
+            balance = parse_decimal(data.get("balance"), "balance", signed=True)
+            overage = data.get("overage")
+            return DodoCreditBalance(
+                balance=balance,
+                overage=decimals.ZERO if overage is None else parse_decimal(overage, "overage", signed=True),
+            )
+        except MalformedPayload as error:
+            log.warning("dodo.unreadable", extra={"operation": "get_credit_balance", **facts, "why": error.message})
+            raise DodoUnavailable(
+                "Dodo returned an unreadable balance", status=raw.status_code, outcome_unknown=False
+            ) from None
 
     async def _json(
         self, raw: Any, operation: str, facts: Mapping[str, str], *, outcome_unknown: bool = True

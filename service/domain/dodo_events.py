@@ -64,6 +64,8 @@ class Outcome(enum.StrEnum):
     DUPLICATE = "duplicate"
     # A Dodo credit ledger entry already applied under another webhook-id.
     DUPLICATE_ENTRY = "duplicate_entry"
+    # The echo of our own mirrored debit (service/app/credit_mirror.py): acknowledged, no balance change.
+    MIRROR_ECHO = "mirror_echo"
 
 
 # DESIGN §12: an envelope time later than this past the signed time is not trusted to order anything.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,9 +38,16 @@ WITH account AS (
          AS e(entry_id, customer_id, credit, amount, balance_after, kind, source, idempotency_key, fingerprint,
               dodo_entry_id, description, metadata)
     RETURNING created_at
+), mirror AS (
+    -- Consumptions of Dodo-linked credits join the open mirror batch of their account (service/app/credit_mirror.py),
+    -- in this same transaction: a committed consumption is always on its way to Dodo, a rolled-back one never.
+    INSERT INTO credit_mirror_batches AS m (batch_id, customer_id, credit, credit_entitlement_id, amount)
+    SELECT * FROM unnest($17::text[], $18::text[], $19::text[], $20::text[], $21::numeric[])
+    ON CONFLICT (customer_id, credit) WHERE status = 'open' DO UPDATE SET amount = m.amount + EXCLUDED.amount
+    RETURNING 1
 )
 SELECT (SELECT count(*) FROM account), (SELECT max(created_at) FROM ledger),
-       (SELECT count(*) FROM changed)
+       (SELECT count(*) FROM changed), (SELECT count(*) FROM mirror)
 """
 
 _SELECT_FOR_UPDATE = """
@@ -71,6 +79,16 @@ _ENTRY_COLUMNS = ", ".join(
         "created_at",
     )
 )
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorAdd:
+    """An amount consumed from a Dodo-linked credit, to be added to its account's open mirror batch."""
+
+    customer_id: str
+    credit: str
+    credit_entitlement_id: str
+    amount: Decimal
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +147,13 @@ class CreditRepository:
         )
         return {r["credit"]: _account(r) for r in rows}
 
-    async def save(self, accounts: Sequence[Account], entries: Sequence[Entry]) -> None:
+    async def save(
+        self, accounts: Sequence[Account], entries: Sequence[Entry], mirror: Sequence[MirrorAdd] = ()
+    ) -> None:
+        """Write accounts and ledger rows, and add `mirror` amounts to their open mirror batches, in one statement.
+
+        `mirror` holds at most one item per account (one statement may not update the same batch row twice)."""
+        mirror = sorted(mirror, key=lambda m: (m.customer_id, m.credit))
         await self.connection.execute(
             _SAVE,
             [a.customer_id for a in accounts],
@@ -148,6 +172,12 @@ class CreditRepository:
             [e.dodo_entry_id for e in entries],
             [e.description for e in entries],
             [_json_text(dict(e.metadata)) for e in entries],
+            # A fresh id per item: used only when the account has no open batch (else the amount joins it).
+            [new_batch_id() for _ in mirror],
+            [m.customer_id for m in mirror],
+            [m.credit for m in mirror],
+            [m.credit_entitlement_id for m in mirror],
+            [m.amount for m in mirror],
         )
 
     async def by_idempotency_keys(self, customer_keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Entry]:
@@ -208,6 +238,10 @@ class CreditRepository:
             limit,
         )
         return [StoredEntry(r["id"], _entry(r)) for r in rows]
+
+
+def new_batch_id() -> str:
+    return f"cmb_{uuid.uuid4().hex}"
 
 
 def _json_text(value: Any) -> str:
