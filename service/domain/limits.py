@@ -52,6 +52,9 @@ def check_id(field: str, value: str, *, required: bool = True) -> str:
         raise InvalidField(field, f"{field} is longer than {MAX_ID} characters ({len(value)})")
     if _NOT_ID.search(value) or _SURROGATE.search(value):
         raise InvalidField(field, f"{field} must be printable text without control characters")
+    if value in (".", ".."):
+        # Ids end up in Dodo's URL paths, where these are dot-segments (the SDK refuses to build such a path).
+        raise InvalidField(field, f"{field} must not be {value!r}")
     return value
 
 

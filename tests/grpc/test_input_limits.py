@@ -12,6 +12,7 @@ import grpc
 import pytest
 from entitlements.v1 import entitlements_pb2 as pb
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
+from google.protobuf import struct_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -43,6 +44,7 @@ CASES: list[tuple[str, str, Any]] = [
     ("CheckAccess", "customer_id", check(customer_id=LONG_ID)),
     ("CheckAccess", "customer_id", check(customer_id=NUL)),
     ("CheckAccess", "customer_id", check(customer_id="line\u2028separator")),
+    ("CheckAccess", "customer_id", check(customer_id="..")),
     ("CheckAccess", "feature", check(feature="dash\x00board")),
     ("CheckAccess", "feature", check(feature="f" * 10_000)),
     ("GetSubscription", "subscription_id", pb.GetSubscriptionRequest(subscription_id=NUL)),
@@ -167,7 +169,66 @@ _REQUESTS: dict[str, st.SearchStrategy[Any]] = {
         preview=st.booleans(),
     ),
 }
+_VALUE = st.one_of(
+    st.builds(lambda text: struct_pb2.Value(string_value=text), _TEXT),
+    st.builds(lambda number: struct_pb2.Value(number_value=number), st.floats(allow_nan=True, allow_infinity=True)),
+    st.builds(lambda flag: struct_pb2.Value(bool_value=flag), st.booleans()),
+    st.just(struct_pb2.Value(null_value=struct_pb2.NULL_VALUE)),
+    st.just(struct_pb2.Value(list_value=struct_pb2.ListValue())),
+)
+_WAVE_2: dict[str, st.SearchStrategy[Any]] = {
+    "CreateCheckout": st.builds(
+        pb.CreateCheckoutRequest,
+        customer_id=_TEXT,
+        customer_ref=_TEXT,
+        email=_TEXT,
+        name=_TEXT,
+        items=st.lists(st.builds(pb.CheckoutItem, product_id=_TEXT, quantity=st.integers(-5, 20_000)), max_size=25),
+        return_url=_TEXT,
+        cancel_url=_TEXT,
+        discount_code=_TEXT,
+        metadata=_METADATA,
+        idempotency_key=_TEXT,
+    ),
+    "CreatePortalSession": st.builds(
+        pb.CreatePortalSessionRequest, customer_id=_TEXT, customer_ref=_TEXT, return_url=_TEXT
+    ),
+    "CancelSubscription": st.builds(
+        pb.CancelSubscriptionRequest, subscription_id=_TEXT, reason=_TEXT, idempotency_key=_TEXT
+    ),
+    "ResumeSubscription": st.builds(pb.ResumeSubscriptionRequest, subscription_id=_TEXT, idempotency_key=_TEXT),
+    "LinkCustomer": st.builds(pb.LinkCustomerRequest, customer_ref=_TEXT, customer_id=_TEXT),
+    "RecordUsage": st.builds(
+        pb.RecordUsageRequest,
+        customer_id=_TEXT,
+        customer_ref=_TEXT,
+        events=st.lists(
+            st.builds(
+                pb.UsageEvent,
+                event_id=_TEXT,
+                event_name=_TEXT,
+                properties=st.dictionaries(_TEXT, _VALUE, max_size=55),
+            ),
+            max_size=5,
+        ),
+    ),
+    "GetUsage": st.builds(pb.GetUsageRequest, customer_id=_TEXT, customer_ref=_TEXT, event_name=_TEXT),
+    "CreateCharge": st.builds(
+        pb.CreateChargeRequest,
+        subscription_id=_TEXT,
+        amount=st.integers(-(2**63), 2**63 - 1),
+        currency=_TEXT,
+        description=_TEXT,
+        metadata=_METADATA,
+        idempotency_key=_TEXT,
+    ),
+    "GetCharge": st.one_of(
+        st.builds(pb.GetChargeRequest, charge_id=_TEXT), st.builds(pb.GetChargeRequest, idempotency_key=_TEXT)
+    ),
+}
+_REQUESTS.update(_WAVE_2)
 EXAMPLES_PER_RPC = 400
+EXAMPLES_PER_WAVE_2_RPC = 150
 
 
 def drawn(strategy: st.SearchStrategy[Any], count: int) -> list[Any]:
@@ -188,7 +249,7 @@ async def test_fuzzed_requests_never_get_unknown_or_internal_and_store_no_contro
     webhooks: WebhookPoster, stub: Stub, db: Database, rpc: str
 ) -> None:
     await deliver(webhooks, load_event("subscription_active"))
-    requests = drawn(_REQUESTS[rpc], EXAMPLES_PER_RPC)
+    requests = drawn(_REQUESTS[rpc], EXAMPLES_PER_WAVE_2_RPC if rpc in _WAVE_2 else EXAMPLES_PER_RPC)
     call = getattr(stub, rpc)
     seen: set[grpc.StatusCode] = set()
     failures: list[tuple[Any, grpc.aio.AioRpcError]] = []
