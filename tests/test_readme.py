@@ -155,6 +155,16 @@ async def test_try_it_runs_as_written(served: tuple[Served, FakeDodo]) -> None:
         assert "dashboard: true GRACE_PERIOD" in result, result
 
 
+async def test_the_stub_snippet_of_credits_runs_after_try_it(served: tuple[Served, FakeDodo]) -> None:
+    server, _ = served
+    for block in blocks(section("Try it"), "sh"):
+        await run_bash(as_checked_script(block), server)
+    (snippet,) = blocks(section("Credits"), "python")
+    result = await run_bash(f"{sys.executable} - <<'PYTHON'\n{snippet}PYTHON\n", server)
+    assert "spent: cle_" in result, result
+    assert "newest: consumption" in result, result
+
+
 async def test_the_subscription_journey_runs_as_written(served: tuple[Served, FakeDodo]) -> None:
     server, fake = served
     (block,) = blocks(section("A subscription journey"), "sh")
