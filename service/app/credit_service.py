@@ -15,6 +15,7 @@ import zlib
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from decimal import Decimal
 
 import asyncpg
@@ -45,6 +46,7 @@ from service.domain.values import AccessReason, Account, FeatureKind, LedgerEntr
 from storage.engine import Budget, Database
 from storage.errors import is_outage
 from storage.repositories.credits import CreditRepository, MirrorAdd, StoredEntry
+from storage.repositories.usage import NewUsageEvent, UsageRepository
 
 log = logging.getLogger("entitlements.credits")
 
@@ -338,7 +340,24 @@ class CreditService:
             decided.append((pending, outcome))
         if touched:
             await repository.save(list(touched.values()), entries, self._mirror_adds(mirrored))
+            await self._record_metered(repository, entries, now)
         return decided, deferred
+
+    async def _record_metered(self, repository: CreditRepository, entries: list[LedgerEntry], now: datetime) -> None:
+        """Consumptions of a credit that names `dodo_meter_event` are also usage events (same transaction): the
+        usage sender ships them to Dodo's meter, the ledger entry id as event id (unique, retried safely)."""
+        metered: dict[str, list[NewUsageEvent]] = {}
+        for entry in entries:
+            meter = self.catalog.credits[entry.credit].dodo_meter_event if entry.kind == "consumption" else None
+            if meter is None:
+                continue
+            spent = decimals.MATH.minus(entry.amount)
+            amount: int | float = int(spent) if spent == spent.to_integral_value() else float(spent)
+            metered.setdefault(entry.customer_id, []).append(
+                NewUsageEvent(entry.entry_id, meter, now, {"amount": amount, "credit": entry.credit})
+            )
+        for customer_id, events in metered.items():
+            await UsageRepository(repository.connection).insert(customer_id, events)
 
     def _mirror_adds(self, mirrored: dict[tuple[str, str], Decimal]) -> list[MirrorAdd]:
         adds: list[MirrorAdd] = []

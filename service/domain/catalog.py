@@ -30,6 +30,8 @@ class CreditDef:
     dodo_credit_entitlement_id: str | None = None
     overage_limit: Decimal = Decimal(0)
     rollover: bool = False
+    # Each consumption is also recorded as a usage event of this name (for a Dodo meter), amount as `amount`.
+    dodo_meter_event: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +111,12 @@ def parse_catalog(raw: Mapping[str, Any], *, source: str = "<memory>") -> Catalo
     for key, body in p.table(raw.get("credits", {}), "credits").items():
         where = f"credits.{key}"
         body = p.table(body, where)
-        p.only(body, where, {"dodo_credit_entitlement_id", "overage_limit", "rollover", "on_outage"})
+        p.only(
+            body, where, {"dodo_credit_entitlement_id", "overage_limit", "rollover", "on_outage", "dodo_meter_event"}
+        )
+        meter = body.get("dodo_meter_event")
+        if meter is not None and (not isinstance(meter, str) or not meter.strip() or len(meter) > 255):
+            p.fail(f"{where}.dodo_meter_event", "must be a non-empty event name of at most 255 characters")
         if p.on_outage(body.get("on_outage", "serve_stale"), f"{where}.on_outage"):
             deny_on_outage.add(key)
         linked = body.get("dodo_credit_entitlement_id")
@@ -119,7 +126,7 @@ def parse_catalog(raw: Mapping[str, Any], *, source: str = "<memory>") -> Catalo
         rollover = body.get("rollover", False)
         if not isinstance(rollover, bool):
             p.fail(f"{where}.rollover", "must be true or false")
-        credits[key] = CreditDef(key, linked, overage, rollover)
+        credits[key] = CreditDef(key, linked, overage, rollover, meter)
     mirrored_by: dict[str, str] = {}
     for key, credit in credits.items():
         entitlement = credit.dodo_credit_entitlement_id

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 SERVICE = "entitlements.v1.EntitlementService"
 CHECK_ACCESS = f"/{SERVICE}/CheckAccess"
 CONSUME_CREDITS = f"/{SERVICE}/ConsumeCredits"
+RECORD_USAGE = f"/{SERVICE}/RecordUsage"
+# The usage event the RecordUsage cases record (no meter needs to match it: the bench has no Dodo key).
+USAGE_EVENT_NAME = "bench.api_call"
 PRO = "pdt_6Gx2Kq9LwPro0Mth4Rt1"
 FEATURE = "dashboard"
 CREDIT = "ai_tokens"

@@ -32,6 +32,8 @@ from tests.bench.common import (
     FEATURE,
     HOT_CHECK_CUSTOMER,
     HOT_CONSUME_CUSTOMER,
+    RECORD_USAGE,
+    USAGE_EVENT_NAME,
     WEBHOOK_SECRET,
     BenchError,
     LoadResult,
@@ -51,13 +53,25 @@ from tests.bench.procs import (
 )
 from tests.bench.report import Case, Side, table, write_json
 
-CASES = ("check_hot", "check_random", "consume_random", "consume_hot", "webhooks", "rss")
+CASES = (
+    "check_hot",
+    "check_random",
+    "consume_random",
+    "consume_hot",
+    "webhooks",
+    "rss",
+    "record_usage_batched",
+    "record_usage_single",
+)
 CHECK_HOT_TARGET, CHECK_HOT_P99 = 0.85, 1.5
 CHECK_RANDOM_TARGET = 0.7
 CONSUME_RANDOM_TARGET = 0.35
 CONSUME_HOT_TARGET = 1.0
 WEBHOOK_TARGET = 2000.0
 RSS_TARGET_MB = 300.0
+# RecordUsage (issue 14): durable events per second with 100 events a call; one event a call is for information.
+USAGE_BATCHED_TARGET = 20_000.0
+USAGE_BATCH = 100
 # Prepared webhook events per second of load: above any rate the receiver (or aiohttp's echo) reaches here.
 WEBHOOK_EVENTS_PER_SECOND = 10_000
 # Cores used by processes outside the bench above which a row is flagged as skewed.
@@ -301,6 +315,18 @@ class Bench:
                 )
                 if not spent.entry_id or spent.replayed:
                     raise BenchError(f"sanity: ConsumeCredits on :{port} answered {spent}")
+        if any(name.startswith("record_usage") for name in self.options.cases):
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ports.service_grpc}") as channel:
+                record = channel.unary_unary(
+                    RECORD_USAGE,
+                    request_serializer=pb.RecordUsageRequest.SerializeToString,
+                    response_deserializer=pb.RecordUsageResponse.FromString,
+                )
+                usage = pb.RecordUsageRequest(customer_id=customer_id(HOT_CHECK_CUSTOMER))
+                usage.events.add(event_id=f"sanity-{uuid.uuid4().hex}", event_name=USAGE_EVENT_NAME)
+                recorded = await record(usage)
+                if recorded.accepted != 1 or recorded.duplicates:
+                    raise BenchError(f"sanity: RecordUsage answered {recorded}")
         if "check_hot" in self.options.cases:
             for port in (ports.service_grpc, ports.echo_grpc):
                 status, output = await h2load.grpc_status_of(port, CHECK_ACCESS, body_file)
@@ -309,7 +335,10 @@ class Bench:
                         f"sanity: h2load's request body gets grpc-status {status!r} on :{port}:\n"
                         f"{output.decode(errors='replace')[-1500:]}"
                     )
-        say("sanity: CheckAccess allowed, ConsumeCredits applied, h2load body gets grpc-status 0 on both servers")
+        say(
+            "sanity: CheckAccess allowed, ConsumeCredits applied (RecordUsage accepted where selected), "
+            "h2load body gets grpc-status 0 on both servers"
+        )
 
     # --- load helpers --------------------------------------------------------------------------------------
 
@@ -608,6 +637,73 @@ class Bench:
             "inbox_statuses": found,
         }
 
+    async def record_usage(self, name: str, batch: int, tag: str, target: float | None) -> None:
+        """RecordUsage for random seeded customers, `batch` distinct events a call; the rate that counts is events
+        answered as accepted per second, and every one of them must be a row of `usage_events` afterwards."""
+        per_worker = self.options.in_flight // self.pool.size
+        jobs = [
+            GrpcJob(
+                "RecordUsage",
+                self._ports.service_grpc,
+                per_worker,
+                self.options.customers,
+                None,
+                FEATURE,
+                self.window,
+                seed=3000 + n,
+                events=batch,
+                tag=f"{tag}{n}",
+            )
+            for n in range(self.pool.size)
+        ]
+        before = await self._usage_count()
+        results, cpu, _ = await self._pool_run(jobs, self.service.pid, self.window)
+        service = side("service", merge(results, self.window), cpu, self.service.pid)
+        events_in_window = sum(result.events_in_window for result in results)
+        events_per_second = events_in_window / self.window.duration
+        accepted = sum(result.events_total for result in results)
+        duplicates = sum(result.duplicates for result in results)
+        added = await self._usage_count() - before
+        durable = {
+            "durable": accepted > 0 and added == accepted and duplicates == 0,
+            "accepted": accepted,
+            "duplicates": duplicates,
+            "usage_rows_added": added,
+        }
+        service.load.note = f"{batch} event{'s' if batch > 1 else ''} a call; req/s are calls/s"
+        case = Case(name, f"python ×{self.pool.size}", self.options.in_flight, service)
+        case.extra = {
+            "events_per_call": batch,
+            "events_per_second": round(events_per_second, 1),
+            "events_in_window": events_in_window,
+            **durable,
+        }
+        problems = []
+        if target is not None:
+            case.target = f"≥{target:.0f} events/s, durable"
+            if events_per_second < target:
+                problems.append(f"{events_per_second:.0f} events/s < {target:.0f}/s")
+        if not durable["durable"]:
+            problems.append(
+                f"durability check failed: {accepted} accepted, {added} rows added to usage_events, "
+                f"{duplicates} duplicates"
+            )
+        if service.load.errors:
+            problems.append(f"errors {service.load.errors}")
+        # The single-event case is for information, unless what it was told is durable is not.
+        case.passed = not problems if target is not None else (False if problems else None)
+        rate = f"{events_per_second:.0f} events/s durable ({batch} a call; {accepted} accepted, {added} rows added)"
+        case.why = "; ".join([rate, *problems])
+        self._record(case)
+        say(f"  {name}: {events_per_second:.0f} events/s, {accepted} accepted, {added} rows added to usage_events")
+
+    async def _usage_count(self) -> int:
+        connection = await asyncpg.connect(self.url)
+        try:
+            return int(await connection.fetchval("SELECT count(*) FROM usage_events"))
+        finally:
+            await connection.close()
+
     # --- the run -------------------------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -626,6 +722,12 @@ class Bench:
             ("consume_random", f"ConsumeCredits, random customers, Python client at {self.options.in_flight}"),
             ("consume_hot", f"ConsumeCredits, one hot customer, and the raw UPDATE loop at {self.options.in_flight}"),
             ("webhooks", f"webhook ingest, distinct signed events, Python client at {self.options.in_flight}"),
+            (
+                "record_usage_batched",
+                f"RecordUsage, {USAGE_BATCH} events a call, random customers, Python client at "
+                f"{self.options.in_flight}",
+            ),
+            ("record_usage_single", f"RecordUsage, 1 event a call, random customers, at {self.options.in_flight}"),
         ]
         for stage, title in stages:
             wanted = ("rss" in selected or "check_random" in selected) if stage == "walk" else stage in selected
@@ -642,6 +744,10 @@ class Bench:
                 await self.consume_random()
             elif stage == "consume_hot":
                 await self.consume_hot()
+            elif stage == "record_usage_batched":
+                await self.record_usage("RecordUsage batched", USAGE_BATCH, "b", USAGE_BATCHED_TARGET)
+            elif stage == "record_usage_single":
+                await self.record_usage("RecordUsage single", 1, "s", None)
             else:
                 await self.webhooks()
             self.check_alive(title)

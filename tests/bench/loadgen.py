@@ -17,6 +17,7 @@ import signal
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import Connection
@@ -27,12 +28,15 @@ import aiohttp
 import grpc
 import uvloop
 from entitlements.v1 import entitlements_pb2 as pb
+from google.protobuf.timestamp_pb2 import Timestamp
 from standardwebhooks.webhooks import Webhook
 
 from tests.bench.common import (
     CHECK_ACCESS,
     CONSUME_CREDITS,
     CREDIT,
+    RECORD_USAGE,
+    USAGE_EVENT_NAME,
     customer_id,
 )
 
@@ -47,7 +51,9 @@ class Window:
 
 @dataclass(frozen=True)
 class GrpcJob:
-    """`method` is "CheckAccess" or "ConsumeCredits"; `hot` pins every call to one customer, else uniform random."""
+    """`method` is "CheckAccess", "ConsumeCredits" or "RecordUsage"; `hot` pins every call to one customer, else
+    uniform random. RecordUsage sends `events` events a call, with event ids `{tag}-{call}-{i}` (distinct per run
+    as long as the tag is)."""
 
     method: str
     port: int
@@ -57,6 +63,8 @@ class GrpcJob:
     feature: str
     window: Window
     seed: int
+    events: int = 1
+    tag: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,11 @@ class WorkerResult:
     # Whether the worker ran out of prepared work before the window closed, and when it stopped (wall clock).
     exhausted: bool = False
     finished_at: float = 0.0
+    # RecordUsage: events the service answered as accepted (inside the window, and in all, warm-up included), and
+    # events it answered as duplicates.
+    events_in_window: int = 0
+    events_total: int = 0
+    duplicates: int = 0
 
 
 class _Meter:
@@ -112,10 +125,12 @@ class _Meter:
         self.result = WorkerResult()
         self.errors: Counter[str] = Counter()
 
-    def ok(self, began: float, done: float) -> None:
+    def ok(self, began: float, done: float, events: int = 0) -> None:
         self.result.ok_total += 1
+        self.result.events_total += events
         if self.begin <= done <= self.end:
             self.result.ok_in_window += 1
+            self.result.events_in_window += events
             self.result.latencies_us.append((done - began) * 1e6)
 
     def error(self, kind: str) -> None:
@@ -131,7 +146,11 @@ async def _sleep_until(wall: float) -> None:
     await asyncio.sleep(max(0.0, wall - time.time()))
 
 
-def _request_factory(job: GrpcJob) -> tuple[str, Any, Any]:
+Counted = Callable[[Any], tuple[int, int]]
+"""From a response: (events accepted, events answered as duplicates); RecordUsage only."""
+
+
+def _request_factory(job: GrpcJob) -> tuple[str, Callable[[], bytes], Any, Counted | None]:
     rng = random.Random(job.seed)
     if job.method == "CheckAccess":
 
@@ -139,7 +158,29 @@ def _request_factory(job: GrpcJob) -> tuple[str, Any, Any]:
             index = job.hot if job.hot is not None else rng.randrange(job.customers)
             return pb.CheckAccessRequest(customer_id=customer_id(index), feature=job.feature).SerializeToString()
 
-        return CHECK_ACCESS, check, pb.CheckAccessResponse.FromString
+        return CHECK_ACCESS, check, pb.CheckAccessResponse.FromString, None
+
+    if job.method == "RecordUsage":
+        calls = 0
+
+        def record() -> bytes:
+            nonlocal calls
+            index = job.hot if job.hot is not None else rng.randrange(job.customers)
+            number, calls = calls, calls + 1
+            now = Timestamp()
+            now.GetCurrentTime()
+            request = pb.RecordUsageRequest(customer_id=customer_id(index))
+            for i in range(job.events):
+                event = request.events.add(event_id=f"{job.tag}-{number}-{i}", event_name=USAGE_EVENT_NAME)
+                event.timestamp.CopyFrom(now)
+                event.properties["tokens"].number_value = 1 + (number + i) % 100
+                event.properties["model"].string_value = "bench-small"
+            return request.SerializeToString()
+
+        def counted(response: pb.RecordUsageResponse) -> tuple[int, int]:
+            return response.accepted, response.duplicates
+
+        return RECORD_USAGE, record, pb.RecordUsageResponse.FromString, counted
 
     def consume() -> bytes:
         index = job.hot if job.hot is not None else rng.randrange(job.customers)
@@ -147,11 +188,11 @@ def _request_factory(job: GrpcJob) -> tuple[str, Any, Any]:
             customer_id=customer_id(index), credit=CREDIT, amount="1", idempotency_key=uuid.uuid4().hex
         ).SerializeToString()
 
-    return CONSUME_CREDITS, consume, pb.ConsumeCreditsResponse.FromString
+    return CONSUME_CREDITS, consume, pb.ConsumeCreditsResponse.FromString, None
 
 
 async def _grpc(job: GrpcJob, conn: Connection) -> WorkerResult:
-    path, make, parse = _request_factory(job)
+    path, make, parse, counted = _request_factory(job)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{job.port}") as channel:
         await asyncio.wait_for(channel.channel_ready(), 10)
         # Bodies are serialized by the factory (per call, as a caller would), so the stub passes bytes through.
@@ -169,11 +210,17 @@ async def _grpc(job: GrpcJob, conn: Connection) -> WorkerResult:
                 if began >= meter.end:
                     return
                 try:
-                    await call(make())
+                    response = await call(make())
                 except grpc.aio.AioRpcError as error:
                     meter.error(error.code().name)
                     continue
-                meter.ok(began, time.perf_counter())
+                done = time.perf_counter()
+                if counted is None:
+                    meter.ok(began, done)
+                    continue
+                accepted, duplicates = counted(response)
+                meter.result.duplicates += duplicates
+                meter.ok(began, done, accepted)
 
         await asyncio.gather(*(loop() for _ in range(job.concurrency)))
     return meter.finish()
