@@ -45,6 +45,7 @@ from entitlements_client import (
     Plan,
     PortalSession,
     ProrationMode,
+    ReconnectPolicy,
     ResourceExhausted,
     ResumeSubscriptionResult,
     RetryPolicy,
@@ -175,6 +176,7 @@ async def test_check_access_answers_a_typed_decision_for_each_kind_of_feature(
         balance=None,
         kind=FeatureKind.BOOLEAN,
         stale=False,
+        customer_id=CUSTOMER_ID,
     )
     # Still comparable with the generated constants, as callers of the old client did.
     assert dashboard.reason == pb.ACCESS_REASON_ACTIVE
@@ -752,6 +754,8 @@ SAFE_CALLS: dict[str, Case] = {
         lambda c, k: c.record_usage(CUSTOMER_ID, [UsageEvent(key(), "api.tokens", properties={"tokens": 3})]),
     ),
     "get-usage": ("GetUsage", lambda c, k: c.get_usage(CUSTOMER_ID, "api.tokens")),
+    # A stream is not retried but resumed from its cursor: the watch reconnects after each UNAVAILABLE.
+    "watch-entitlements": ("WatchEntitlements", lambda c, k: _first_heartbeat(c)),
 }
 UNSAFE_CALLS: dict[str, Case] = {
     "create-charge-without-key": ("CreateCharge", lambda c, k: c.create_charge(k.active, 2500, idempotency_key="")),
@@ -770,6 +774,20 @@ UNSAFE_CALLS: dict[str, Case] = {
         lambda c, k: c.create_portal_session(CUSTOMER_ID, send_email=True),
     ),
 }
+
+
+async def _first_heartbeat(calls: Calls) -> object:
+    quick = ReconnectPolicy(initial_backoff=0.01, max_backoff=0.05)
+    if isinstance(calls.client, EntitlementsClient):
+        async with calls.client.watch(heartbeats=True, reconnect=quick) as watch:
+            return await anext(watch)
+    sync = calls.client
+
+    def first() -> object:
+        with sync.watch(heartbeats=True, reconnect=quick) as watch:
+            return next(watch)
+
+    return await asyncio.to_thread(first)
 
 
 async def _charge_then_get(calls: Calls, known: Known) -> object:

@@ -8,7 +8,9 @@ every RPC, plain dataclasses out, typed exceptions with the server's ErrorInfo, 
         if decision.allowed:
             ...
 
-`SyncEntitlementsClient` has the same methods without `await`. `python -m entitlements_client` (or the
+`SyncEntitlementsClient` has the same methods without `await`. `client.watch()` follows every entitlement change
+(resuming by itself from its cursor); `client.local()` is an in-process cache of CheckAccess answers kept right by
+that stream. `python -m entitlements_client` (or the
 `entitlements` command) is the CLI.
 """
 
@@ -16,20 +18,25 @@ from __future__ import annotations
 
 from entitlements.v1 import entitlements_pb2 as pb
 from entitlements_client._clients import DEFAULT_TIMEOUT, EntitlementsClient, SyncEntitlementsClient
+from entitlements_client._local import LocalCacheStats, LocalEntitlements, Policy, StreamState, SyncLocalEntitlements
 from entitlements_client._version import __version__
+from entitlements_client._watch import EntitlementWatch, SyncEntitlementWatch
 from entitlements_client.errors import (
     Aborted,
     AlreadyExists,
     Cancelled,
+    CursorExpired,
     DeadlineExceeded,
     EntitlementsError,
     FailedPrecondition,
     InsufficientCredits,
     Internal,
     InvalidArgument,
+    InvalidCursor,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    SubscriberTooSlow,
     Unauthenticated,
     Unavailable,
     Unimplemented,
@@ -48,6 +55,8 @@ from entitlements_client.models import (
     CreditLedgerPage,
     CustomerLink,
     EffectiveAt,
+    EntitlementEvent,
+    EntitlementEventKind,
     FeatureKind,
     Plan,
     PortalSession,
@@ -60,7 +69,7 @@ from entitlements_client.models import (
     UsageDelivery,
     UsageEvent,
 )
-from entitlements_client.options import NO_RETRY, RetryPolicy, Tls
+from entitlements_client.options import NO_RETRY, ReconnectPolicy, RetryPolicy, Tls
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -79,9 +88,13 @@ __all__ = [
     "ConsumeCreditsResult",
     "CreditLedgerEntry",
     "CreditLedgerPage",
+    "CursorExpired",
     "CustomerLink",
     "DeadlineExceeded",
     "EffectiveAt",
+    "EntitlementEvent",
+    "EntitlementEventKind",
+    "EntitlementWatch",
     "EntitlementsClient",
     "EntitlementsError",
     "FailedPrecondition",
@@ -89,18 +102,27 @@ __all__ = [
     "InsufficientCredits",
     "Internal",
     "InvalidArgument",
+    "InvalidCursor",
+    "LocalCacheStats",
+    "LocalEntitlements",
     "NotFound",
     "PermissionDenied",
     "Plan",
+    "Policy",
     "PortalSession",
     "ProrationMode",
+    "ReconnectPolicy",
     "RecordUsageResult",
     "ResourceExhausted",
     "ResumeSubscriptionResult",
     "RetryPolicy",
     "ScheduledChange",
+    "StreamState",
+    "SubscriberTooSlow",
     "Subscription",
+    "SyncEntitlementWatch",
     "SyncEntitlementsClient",
+    "SyncLocalEntitlements",
     "Tls",
     "Unauthenticated",
     "Unavailable",

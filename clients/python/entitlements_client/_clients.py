@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from types import TracebackType
@@ -16,7 +16,14 @@ from google.protobuf.message import Message
 
 from entitlements.v1 import entitlements_pb2 as pb
 from entitlements_client import _rpcs
+from entitlements_client._local import LocalEntitlements, Policy, SyncLocalEntitlements, local_options
 from entitlements_client._rpcs import Deadline, Rpc
+from entitlements_client._watch import (
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    EntitlementWatch,
+    SyncEntitlementWatch,
+    WatchStateListener,
+)
 from entitlements_client.errors import from_rpc_error
 from entitlements_client.models import (
     CancelSubscriptionResult,
@@ -40,9 +47,11 @@ from entitlements_client.models import (
     Usage,
     UsageEvent,
 )
-from entitlements_client.options import ChannelSpec, RetryPolicy, Tls
+from entitlements_client.options import ChannelSpec, ReconnectPolicy, RetryPolicy, Tls
 
 __all__ = ["DEFAULT_TIMEOUT", "EntitlementsClient", "SyncEntitlementsClient"]
+
+Clock = Callable[[], datetime]
 
 DEFAULT_TIMEOUT = 5.0
 
@@ -521,6 +530,64 @@ class EntitlementsClient(_Base):
         request = _rpcs.get_charge_request(charge_id, idempotency_key)
         return await self._call(_rpcs.GET_CHARGE, request, timeout)
 
+    def watch(
+        self,
+        customer_ids: Sequence[str] = (),
+        after_cursor: str = "",
+        *,
+        heartbeats: bool = False,
+        reconnect: ReconnectPolicy | None = None,
+        heartbeat_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT,
+        on_state: WatchStateListener | None = None,
+    ) -> EntitlementWatch:
+        """Every entitlement change of `customer_ids` (empty: every customer) after `after_cursor` (empty: from
+        now), in commit order, then live: `async for event in client.watch(): ...`. It resumes by itself from its
+        last cursor (`.cursor`) after UNAVAILABLE or WATCH_SUBSCRIBER_TOO_SLOW, with `reconnect`'s backoff, and
+        raises CursorExpired / InvalidCursor (never retried) and any other failure. `heartbeats` also yields the
+        HEARTBEAT events (the first one means "caught up"); `on_state(watch)` is called when the stream goes live
+        or down. `aclose()` ends it. The client's `timeout` does not apply."""
+        return EntitlementWatch(
+            self._channel,
+            customer_ids,
+            after_cursor,
+            metadata=self._spec.metadata,
+            heartbeats=heartbeats,
+            reconnect=reconnect,
+            heartbeat_timeout=heartbeat_timeout,
+            on_state=on_state,
+        )
+
+    watch_entitlements = watch
+
+    def local(
+        self,
+        *,
+        policies: Mapping[str, Policy] | None = None,
+        default_policy: Policy = Policy.FAIL_CLOSED,
+        max_staleness: float = 30.0,
+        max_entries: int = 100_000,
+        customer_ids: Sequence[str] = (),
+        clock: Clock | None = None,
+        reconnect: ReconnectPolicy | None = None,
+        heartbeat_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT,
+    ) -> LocalEntitlements:
+        """A local cache of CheckAccess answers kept right by the watch stream (`async with client.local() as
+        local: await local.check_access(...)`): see `entitlements_client.LocalEntitlements`. `policies` maps
+        features to FAIL_OPEN / FAIL_CLOSED (else `default_policy`) for while the stream is down; `max_staleness`
+        bounds FAIL_OPEN answers then (seconds); `customer_ids` limits the stream (and so what may be cached
+        usefully) to those customers; `clock` (aware UTC datetimes) decides expiry at `access_ends_at`."""
+        options = local_options(
+            policies=policies,
+            default_policy=default_policy,
+            max_staleness=max_staleness,
+            max_entries=max_entries,
+            customer_ids=customer_ids,
+            clock=clock,
+            reconnect=reconnect,
+            heartbeat_timeout=heartbeat_timeout,
+        )
+        return LocalEntitlements(self, options)
+
 
 class SyncEntitlementsClient(_Base):
     """Blocking client: the same methods as `EntitlementsClient`, for code without an event loop. Thread-safe."""
@@ -926,3 +993,61 @@ class SyncEntitlementsClient(_Base):
         """A charge by its id or by the idempotency key that created it (this caller's)."""
         request = _rpcs.get_charge_request(charge_id, idempotency_key)
         return self._call(_rpcs.GET_CHARGE, request, timeout)
+
+    def watch(
+        self,
+        customer_ids: Sequence[str] = (),
+        after_cursor: str = "",
+        *,
+        heartbeats: bool = False,
+        reconnect: ReconnectPolicy | None = None,
+        heartbeat_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT,
+        on_state: WatchStateListener | None = None,
+    ) -> SyncEntitlementWatch:
+        """Every entitlement change of `customer_ids` (empty: every customer) after `after_cursor` (empty: from
+        now), in commit order, then live: `for event in client.watch(): ...`. It resumes by itself from its
+        last cursor (`.cursor`) after UNAVAILABLE or WATCH_SUBSCRIBER_TOO_SLOW, with `reconnect`'s backoff, and
+        raises CursorExpired / InvalidCursor (never retried) and any other failure. `heartbeats` also yields the
+        HEARTBEAT events (the first one means "caught up"); `on_state(watch)` is called when the stream goes live
+        or down. `close()` (from any thread) ends it. The client's `timeout` does not apply."""
+        return SyncEntitlementWatch(
+            self._channel,
+            customer_ids,
+            after_cursor,
+            metadata=self._spec.metadata,
+            heartbeats=heartbeats,
+            reconnect=reconnect,
+            heartbeat_timeout=heartbeat_timeout,
+            on_state=on_state,
+        )
+
+    watch_entitlements = watch
+
+    def local(
+        self,
+        *,
+        policies: Mapping[str, Policy] | None = None,
+        default_policy: Policy = Policy.FAIL_CLOSED,
+        max_staleness: float = 30.0,
+        max_entries: int = 100_000,
+        customer_ids: Sequence[str] = (),
+        clock: Clock | None = None,
+        reconnect: ReconnectPolicy | None = None,
+        heartbeat_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT,
+    ) -> SyncLocalEntitlements:
+        """A local cache of CheckAccess answers kept right by the watch stream (`with client.local() as local:
+        local.check_access(...)`): see `entitlements_client.SyncLocalEntitlements`. `policies` maps
+        features to FAIL_OPEN / FAIL_CLOSED (else `default_policy`) for while the stream is down; `max_staleness`
+        bounds FAIL_OPEN answers then (seconds); `customer_ids` limits the stream (and so what may be cached
+        usefully) to those customers; `clock` (aware UTC datetimes) decides expiry at `access_ends_at`."""
+        options = local_options(
+            policies=policies,
+            default_policy=default_policy,
+            max_staleness=max_staleness,
+            max_entries=max_entries,
+            customer_ids=customer_ids,
+            clock=clock,
+            reconnect=reconnect,
+            heartbeat_timeout=heartbeat_timeout,
+        )
+        return SyncLocalEntitlements(self, options)

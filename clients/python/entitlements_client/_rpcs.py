@@ -132,6 +132,12 @@ GET_USAGE: Rpc[pb.GetUsageRequest, pb.GetUsageResponse, models.Usage] = Rpc(
     "GetUsage", pb.GetUsageResponse, models.usage, _read
 )
 
+# A server stream: `convert` reads each message; it is resumed from its last cursor rather than retried (the
+# clients' `watch`), so `retry_safe` only records that reading it again changes nothing.
+WATCH_ENTITLEMENTS: Rpc[pb.WatchEntitlementsRequest, pb.EntitlementEvent, models.EntitlementEvent] = Rpc(
+    "WatchEntitlements", pb.EntitlementEvent, models.entitlement_event, _read
+)
+
 RPCS: Mapping[str, Rpc[Any, Any, Any]] = {
     rpc.name: rpc
     for rpc in (
@@ -150,6 +156,7 @@ RPCS: Mapping[str, Rpc[Any, Any, Any]] = {
         GET_USAGE,
         CREATE_CHARGE,
         GET_CHARGE,
+        WATCH_ENTITLEMENTS,
     )
 }
 
@@ -394,6 +401,12 @@ def get_usage_request(
     if end is not None:
         request.end.FromDatetime(end)
     return request
+
+
+def watch_entitlements_request(customer_ids: Iterable[str], after_cursor: str) -> pb.WatchEntitlementsRequest:
+    if isinstance(customer_ids, str):
+        raise TypeError("customer_ids must be a sequence of customer ids, not a single one")
+    return pb.WatchEntitlementsRequest(customer_ids=list(customer_ids), after_cursor=after_cursor)
 
 
 # --- deadlines -----------------------------------------------------------------------------------------------------

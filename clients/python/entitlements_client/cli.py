@@ -3,6 +3,7 @@
     entitlements --target 127.0.0.1:50051 --token "$TOKEN" check-access --customer-id cus_123 --feature dashboard
     entitlements check-access --customer-ref org_42 dashboard
     entitlements consume-credits --customer-id cus_123 --credit ai_tokens --amount 25 --idempotency-key req-1
+    entitlements watch --customer-id cus_123          # one JSON line per change, until Ctrl-C
     entitlements create-checkout --customer-ref org_42 --item pdt_pro:2 --addon pdt_pro:adn_seat:3 \
         --trial-days 14 --return-url https://app.example/done --idempotency-key co-1
 
@@ -22,7 +23,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -185,6 +186,10 @@ class Command:
     help: str
     arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[SyncEntitlementsClient, argparse.Namespace, float | None], Any]
+    # Other names for the subcommand.
+    aliases: tuple[str, ...] = ()
+    # `run` returns an iterator: one compact JSON line per item, each flushed as it comes.
+    stream: bool = False
 
 
 def _check_access_arguments(parser: argparse.ArgumentParser) -> None:
@@ -517,6 +522,32 @@ def _get_usage(client: SyncEntitlementsClient, args: argparse.Namespace, timeout
     return client.get_usage(args.customer_id, args.event_name, **options)
 
 
+def _watch_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--customer-id",
+        action="append",
+        default=[],
+        dest="customer_ids",
+        help="only this customer's events (repeat it for several, at most 1000); none: every customer",
+    )
+    parser.add_argument("--after-cursor", default="", help="resume right after this cursor (default: from now)")
+    parser.add_argument("--heartbeats", action="store_true", help="also print the HEARTBEAT events")
+    parser.add_argument("--max-events", type=_count, default=None, help="exit after printing this many events")
+
+
+def _watch(client: SyncEntitlementsClient, args: argparse.Namespace, timeout: float | None) -> Iterator[Any]:
+    watch = client.watch(args.customer_ids, args.after_cursor, heartbeats=args.heartbeats)
+    printed = 0
+    try:
+        for event in watch:
+            yield event
+            printed += 1
+            if args.max_events is not None and printed >= args.max_events:
+                return
+    finally:
+        watch.close()
+
+
 def command_name(rpc: str) -> str:
     """CheckAccess -> check-access."""
     return "".join(f"-{c.lower()}" if c.isupper() else c for c in rpc).lstrip("-")
@@ -585,8 +616,17 @@ COMMANDS: Mapping[str, Command] = {
             _record_usage,
         ),
         Command("GetUsage", "count and sum a customer's usage of one event", _get_usage_arguments, _get_usage),
+        Command(
+            "WatchEntitlements",
+            "follow entitlement changes as JSON lines (resuming by itself; Ctrl-C ends it)",
+            _watch_arguments,
+            _watch,
+            aliases=("watch",),
+            stream=True,
+        ),
     )
 }
+ALIASES: Mapping[str, str] = {alias: name for name, command in COMMANDS.items() for alias in command.aliases}
 assert {command.rpc for command in COMMANDS.values()} <= set(_rpcs.RPCS)
 
 
@@ -619,7 +659,9 @@ def build_parser(prog: str | None = None, stdout: IO[str] | None = None) -> argp
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     for name, command in COMMANDS.items():
-        sub = commands.add_parser(name, help=command.help, description=command.help, parents=[common])
+        sub = commands.add_parser(
+            name, aliases=list(command.aliases), help=command.help, description=command.help, parents=[common]
+        )
         assert isinstance(sub, _Parser)
         sub.stdout = stdout
         command.arguments(sub)
@@ -653,7 +695,7 @@ def _run(argv: Sequence[str] | None, environ: Mapping[str, str], prog: str | Non
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help, --version
         return done.code if isinstance(done.code, int) else 0
-    command = COMMANDS[args.command]
+    command = COMMANDS[ALIASES.get(args.command, args.command)]
     try:
         client, timeout = _client(args, environ)
     except ValueError as error:
@@ -661,6 +703,10 @@ def _run(argv: Sequence[str] | None, environ: Mapping[str, str], prog: str | Non
     with client:
         try:
             result = command.run(client, args, timeout)
+            if command.stream:
+                for item in result:
+                    print(json.dumps(to_jsonable(item), ensure_ascii=False), file=out, flush=True)
+                return 0
         except (ValueError, TypeError) as error:  # refused before anything was sent
             raise UsageError(str(error)) from None
     print(json.dumps(to_jsonable(result), indent=2, ensure_ascii=False), file=out)

@@ -28,15 +28,18 @@ __all__ = [
     "Aborted",
     "AlreadyExists",
     "Cancelled",
+    "CursorExpired",
     "DeadlineExceeded",
     "EntitlementsError",
     "FailedPrecondition",
     "InsufficientCredits",
     "Internal",
     "InvalidArgument",
+    "InvalidCursor",
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
+    "SubscriberTooSlow",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
@@ -115,6 +118,11 @@ class InvalidArgument(EntitlementsError):
         return self.metadata.get("field")
 
 
+class InvalidCursor(InvalidArgument):
+    """WatchEntitlements: `after_cursor` is not a cursor this service issued (reason FIELD_INVALID, field
+    after_cursor). Never retried: start again without a cursor (from now) and re-read what you need."""
+
+
 class DeadlineExceeded(EntitlementsError):
     status_code = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -149,10 +157,25 @@ class InsufficientCredits(EntitlementsError):
 ResourceExhausted = InsufficientCredits
 
 
+class SubscriberTooSlow(InsufficientCredits):
+    """WatchEntitlements ended because this subscriber fell too far behind (reason WATCH_SUBSCRIBER_TOO_SLOW);
+    metadata `cursor` is where to resume, and `watch()` does so by itself. A RESOURCE_EXHAUSTED like
+    InsufficientCredits (which `ResourceExhausted` names), so `except ResourceExhausted` still catches it."""
+
+    @property
+    def cursor(self) -> str:
+        return self.metadata.get("cursor", "")
+
+
 class FailedPrecondition(EntitlementsError):
     """Not possible in the current state, or an idempotency key reused with other parameters."""
 
     status_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class CursorExpired(FailedPrecondition):
+    """WatchEntitlements: `after_cursor` is older than the service keeps events (reason CURSOR_EXPIRED). Never
+    retried: what happened since cannot be replayed, so re-read the state you keep and watch from now."""
 
 
 class Aborted(EntitlementsError):
@@ -201,6 +224,19 @@ _BY_CODE: dict[grpc.StatusCode, type[EntitlementsError]] = {
 }
 
 
+# Failures a caller handles differently from others of the same status: (status class, ErrorInfo reason) -> class.
+_BY_REASON: dict[tuple[type[EntitlementsError], str], type[EntitlementsError]] = {
+    (FailedPrecondition, "CURSOR_EXPIRED"): CursorExpired,
+    (InsufficientCredits, "WATCH_SUBSCRIBER_TOO_SLOW"): SubscriberTooSlow,
+}
+
+
+def _refined(kind: type[EntitlementsError], info: error_details_pb2.ErrorInfo) -> type[EntitlementsError]:
+    if kind is InvalidArgument and info.metadata.get("field") == "after_cursor":
+        return InvalidCursor
+    return _BY_REASON.get((kind, info.reason), kind)
+
+
 def _decode_details(trailers: Any) -> list[Message]:
     for key, value in trailers or ():
         if key != STATUS_DETAILS_TRAILER or not isinstance(value, bytes):
@@ -235,6 +271,8 @@ def from_rpc_error(error: grpc.RpcError) -> EntitlementsError:
     details = _decode_details(trailers)
     info = next((detail for detail in details if isinstance(detail, error_details_pb2.ErrorInfo)), None)
     kind = _BY_CODE.get(code, EntitlementsError)
+    if info is not None:
+        kind = _refined(kind, info)
     return kind(
         code,
         message,

@@ -40,6 +40,8 @@ __all__ = [
     "CreditLedgerPage",
     "CustomerLink",
     "EffectiveAt",
+    "EntitlementEvent",
+    "EntitlementEventKind",
     "FeatureKind",
     "Plan",
     "PortalSession",
@@ -127,6 +129,17 @@ class ChargeStatus(ProtoEnum):
     UNKNOWN = 4
 
 
+class EntitlementEventKind(ProtoEnum):
+    UNSPECIFIED = 0
+    SUBSCRIPTION_CHANGED = 1
+    ACCESS_CHANGED = 2
+    CREDITS_CHANGED = 3
+    CREDITS_LOW = 4
+    CREDITS_EXHAUSTED = 5
+    CUSTOMER_LINKED = 6
+    HEARTBEAT = 7
+
+
 class _Result:
     """JSON form shared by every result: `to_dict()` is what the CLI prints."""
 
@@ -172,6 +185,8 @@ class CheckAccessResult(_Result):
     kind: FeatureKind
     # True when the server answered from its last-known state while Postgres was unreachable.
     stale: bool
+    # The Dodo customer the answer is about (the resolved one when asked by `customer_ref`; "" when unlinked).
+    customer_id: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,6 +352,31 @@ class ChargeResult(_Result):
     replayed: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class EntitlementEvent(_Result):
+    """One change from `watch()`, in commit order (or, with `kind` HEARTBEAT, only a `cursor` to resume from)."""
+
+    # Opaque: pass it back as `after_cursor` to resume right after this event.
+    cursor: str
+    kind: EntitlementEventKind
+    customer_id: str
+    # The company's own id for the customer when one is linked, else "".
+    customer_ref: str
+    # For SUBSCRIPTION_CHANGED and ACCESS_CHANGED: the subscription as of `occurred_at` (`credits` empty); its
+    # `access` is the decision from then on.
+    subscription: Subscription | None
+    # For CREDITS_*: the credit key and its balance after the change.
+    credit: str
+    balance: Decimal | None
+    # For CREDITS_LOW: the threshold crossed.
+    threshold: Decimal | None
+    occurred_at: datetime | None
+
+    @property
+    def is_heartbeat(self) -> bool:
+        return self.kind is EntitlementEventKind.HEARTBEAT
+
+
 # --- what the caller sends -----------------------------------------------------------------------------------------
 
 
@@ -390,6 +430,21 @@ def check_access_result(message: pb.CheckAccessResponse) -> CheckAccessResult:
         balance=Decimal(message.balance) if message.balance else None,
         kind=FeatureKind(message.kind),
         stale=message.stale,
+        customer_id=message.customer_id,
+    )
+
+
+def entitlement_event(message: pb.EntitlementEvent) -> EntitlementEvent:
+    return EntitlementEvent(
+        cursor=message.cursor,
+        kind=EntitlementEventKind(message.kind),
+        customer_id=message.customer_id,
+        customer_ref=message.customer_ref,
+        subscription=subscription(message.subscription) if message.HasField("subscription") else None,
+        credit=message.credit,
+        balance=Decimal(message.balance) if message.balance else None,
+        threshold=Decimal(message.threshold) if message.threshold else None,
+        occurred_at=_time(message, "occurred_at"),
     )
 
 

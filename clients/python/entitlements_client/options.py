@@ -10,7 +10,7 @@ import grpc
 
 from entitlements_client._version import __version__
 
-__all__ = ["NO_RETRY", "RetryPolicy", "Tls"]
+__all__ = ["NO_RETRY", "ReconnectPolicy", "RetryPolicy", "Tls"]
 
 USER_AGENT = f"dodo-entitlements-client/{__version__}"
 
@@ -48,6 +48,40 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+@dataclass(frozen=True)
+class ReconnectPolicy:
+    """How `watch()` reconnects after UNAVAILABLE or WATCH_SUBSCRIBER_TOO_SLOW: bounded exponential backoff with
+    jitter between consecutive failed attempts (as `RetryPolicy`), reset by any message received.
+    `max_attempts` None reconnects forever; n gives up (raising the last failure) after n failures in a row."""
+
+    initial_backoff: float = 0.1
+    max_backoff: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 0.5
+    max_attempts: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1 (or None: reconnect forever)")
+        # The same bounds as RetryPolicy's.
+        RetryPolicy(
+            initial_backoff=self.initial_backoff,
+            max_backoff=self.max_backoff,
+            multiplier=self.multiplier,
+            jitter=self.jitter,
+        )
+
+    def backoff(self, failures: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait before reconnecting after `failures` consecutive failures (1 = the first)."""
+        policy = RetryPolicy(
+            initial_backoff=self.initial_backoff,
+            max_backoff=self.max_backoff,
+            multiplier=self.multiplier,
+            jitter=self.jitter,
+        )
+        return policy.backoff(failures, rng)
 
 
 def _pem(value: bytes | str | Path | None, what: str) -> bytes | None:
