@@ -570,12 +570,14 @@ class EntitlementsClient(_Base):
         clock: Clock | None = None,
         reconnect: ReconnectPolicy | None = None,
         heartbeat_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT,
+        settle: float = 0.25,
     ) -> LocalEntitlements:
         """A local cache of CheckAccess answers kept right by the watch stream (`async with client.local() as
         local: await local.check_access(...)`): see `entitlements_client.LocalEntitlements`. `policies` maps
         features to FAIL_OPEN / FAIL_CLOSED (else `default_policy`) for while the stream is down; `max_staleness`
         bounds FAIL_OPEN answers then (seconds); `customer_ids` limits the stream (and so what may be cached
-        usefully) to those customers; `clock` (aware UTC datetimes) decides expiry at `access_ends_at`."""
+        usefully) to those customers; `clock` (aware UTC datetimes) decides expiry at `access_ends_at`; answers about a
+        customer changed in the last `settle` seconds are not cached (the answering replica may lag the stream)."""
         options = local_options(
             policies=policies,
             default_policy=default_policy,
@@ -585,6 +587,7 @@ class EntitlementsClient(_Base):
             clock=clock,
             reconnect=reconnect,
             heartbeat_timeout=heartbeat_timeout,
+            settle=settle,
         )
         return LocalEntitlements(self, options)
 
@@ -1034,12 +1037,14 @@ class SyncEntitlementsClient(_Base):
         clock: Clock | None = None,
         reconnect: ReconnectPolicy | None = None,
         heartbeat_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT,
+        settle: float = 0.25,
     ) -> SyncLocalEntitlements:
         """A local cache of CheckAccess answers kept right by the watch stream (`with client.local() as local:
         local.check_access(...)`): see `entitlements_client.SyncLocalEntitlements`. `policies` maps
         features to FAIL_OPEN / FAIL_CLOSED (else `default_policy`) for while the stream is down; `max_staleness`
         bounds FAIL_OPEN answers then (seconds); `customer_ids` limits the stream (and so what may be cached
-        usefully) to those customers; `clock` (aware UTC datetimes) decides expiry at `access_ends_at`."""
+        usefully) to those customers; `clock` (aware UTC datetimes) decides expiry at `access_ends_at`; answers about a
+        customer changed in the last `settle` seconds are not cached (the answering replica may lag the stream)."""
         options = local_options(
             policies=policies,
             default_policy=default_policy,
@@ -1049,5 +1054,6 @@ class SyncEntitlementsClient(_Base):
             clock=clock,
             reconnect=reconnect,
             heartbeat_timeout=heartbeat_timeout,
+            settle=settle,
         )
         return SyncLocalEntitlements(self, options)

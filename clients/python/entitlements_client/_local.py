@@ -15,7 +15,10 @@ How it stays right:
 - The fill race: an event may arrive while a CheckAccess RPC for that customer is in flight, and its answer may be
   older than the event. Every event gets a sequence number and stamps its customer and ref with it (a
   per-customer generation); an answer is cached only if nothing it is about was stamped after its RPC began.
-  Nothing is cached before the stream has a cursor (an event before it could never reach the cache).
+  Nothing is cached before the stream has a cursor (an event before it could never reach the cache). An answer
+  about a customer that had an event in the last `settle` seconds is handed out but not cached either: the replica
+  that answers may hear of the change a moment after the stream has told us (its own cache listens separately),
+  and an answer cached then would have no later event to drop it.
 - While the stream is down (not connected, or reconnected but still replaying): FAIL_CLOSED features never answer
   from the cache (the server is asked; its failure is raised); FAIL_OPEN features answer from the cache for at most
   `max_staleness` seconds after the stream was last known live (up to the moment its break was detected; a silent
@@ -31,7 +34,8 @@ import contextlib
 import enum
 import logging
 import threading
-from collections import Counter, OrderedDict
+import time
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -140,7 +144,10 @@ class _CacheCore:
         max_staleness: float,
         max_entries: int,
         clock: Clock,
+        settle: float = 0.25,
     ) -> None:
+        if settle < 0:
+            raise ValueError("settle must be zero or more seconds")
         if max_staleness < 0:
             raise ValueError("max_staleness must be zero or more seconds")
         if max_entries < 1:
@@ -161,6 +168,10 @@ class _CacheCore:
         self.cleared_at = 0
         self.touched: dict[tuple[str, str], int] = {}
         self.inflight: Counter[int] = Counter()
+        # (monotonic time, customer or ref) of the events of the last `settle` seconds, oldest first.
+        self.settle = settle
+        self.recent: deque[tuple[float, tuple[str, str]]] = deque()
+        self.recent_at: dict[tuple[str, str], float] = {}
         self.state = StreamState.DOWN
         self.has_cursor = False
         self.last_live: datetime | None = None
@@ -218,14 +229,31 @@ class _CacheCore:
                 return
             customer_id = result.customer_id or (key[1] if key[0] == "id" else "")
             ref = key[1] if key[0] == "ref" else ""
-            stamps = (self.touched.get(("id", customer_id), 0) if customer_id else 0, self.touched.get(("ref", ref), 0))
-            if token < self.cleared_at or max(stamps) > token:
+            names = [("id", customer_id)] if customer_id else []
+            if ref:
+                names.append(("ref", ref))
+            if (
+                token < self.cleared_at
+                or any(self.touched.get(name, 0) > token for name in names)
+                or self._settling(names)
+            ):
                 self.fills_discarded += 1
                 return
             self._store(key, _Entry(result, customer_id, ref))
         finally:
             if not self.inflight:
                 self.touched.clear()
+
+    def _settling(self, names: list[tuple[str, str]]) -> bool:
+        if not self.settle:
+            return False
+        now = time.monotonic()
+        recent = self.recent
+        while recent and now - recent[0][0] > self.settle:
+            at, name = recent.popleft()
+            if self.recent_at.get(name) == at:
+                del self.recent_at[name]
+        return any(now - self.recent_at.get(name, -self.settle - 1) <= self.settle for name in names)
 
     def _store(self, key: Key, entry: _Entry) -> None:
         if key in self.entries:
@@ -267,9 +295,13 @@ class _CacheCore:
             touched.append(("id", event.customer_id))
         if event.customer_ref:
             touched.append(("ref", event.customer_ref))
+        now = time.monotonic() if self.settle else 0.0
         for name in touched:
             if self.inflight:
                 self.touched[name] = self.seq
+            if self.settle:
+                self.recent.append((now, name))
+                self.recent_at[name] = now
             keys = (self.by_customer if name[0] == "id" else self.by_ref).get(name[1])
             if keys:
                 for key in tuple(keys):
@@ -337,6 +369,7 @@ class _Options:
     clock: Clock
     reconnect: ReconnectPolicy | None
     heartbeat_timeout: float | None
+    settle: float
 
     def core(self) -> _CacheCore:
         return _CacheCore(
@@ -345,6 +378,7 @@ class _Options:
             max_staleness=self.max_staleness,
             max_entries=self.max_entries,
             clock=self.clock,
+            settle=self.settle,
         )
 
     def watch_options(self, on_state: Callable[[_WatchCore], None]) -> dict[str, Any]:
@@ -366,6 +400,7 @@ def local_options(
     clock: Clock | None = None,
     reconnect: ReconnectPolicy | None = None,
     heartbeat_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT,
+    settle: float = 0.25,
 ) -> _Options:
     if isinstance(customer_ids, str):
         raise TypeError("customer_ids must be a sequence of customer ids, not a single one")
@@ -378,6 +413,7 @@ def local_options(
         clock=clock or _utc_now,
         reconnect=reconnect,
         heartbeat_timeout=heartbeat_timeout,
+        settle=settle,
     )
 
 
