@@ -7,8 +7,16 @@ import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import type { CallOptions, Client, Interceptor } from "@connectrpc/connect";
 import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
 
-import { EntitlementService, GetSubscriptionRequestSchema } from "./gen/entitlements/v1/entitlements_pb.js";
-import type { GetSubscriptionRequest, GetSubscriptionResponse } from "./gen/entitlements/v1/entitlements_pb.js";
+import {
+  EntitlementEventKind,
+  EntitlementService,
+  GetSubscriptionRequestSchema,
+} from "./gen/entitlements/v1/entitlements_pb.js";
+import type {
+  EntitlementEvent,
+  GetSubscriptionRequest,
+  GetSubscriptionResponse,
+} from "./gen/entitlements/v1/entitlements_pb.js";
 import { ErrorInfoSchema } from "./gen/google/rpc/error_details_pb.js";
 
 export * from "./gen/entitlements/v1/entitlements_pb.js";
@@ -65,9 +73,54 @@ export type EntitlementsClient = Omit<Rpcs, "getSubscription"> & {
     request: SubscriptionSelector | GetSubscriptionInit,
     options?: CallOptions,
   ): Promise<GetSubscriptionResponse>;
+  /**
+   * WatchEntitlements as an AsyncIterable of events that resumes by itself from its last cursor (see WatchOptions):
+   * `for await (const event of client.watch({ customerIds: ["cus_..."] })) { ... }`.
+   */
+  watch(options?: WatchOptions): EntitlementWatch;
   /** Closes the connection; calls still in flight fail with CANCELED. */
   close(): void;
 };
+
+export interface ReconnectOptions {
+  /** Backoff before the first reconnect; doubles (`multiplier`) up to `maxBackoffMs`, with up to 50% jitter. */
+  initialBackoffMs?: number;
+  maxBackoffMs?: number;
+  multiplier?: number;
+  /** Give up (throwing the last failure) after this many failures in a row; default: never. */
+  maxAttempts?: number;
+}
+
+export interface WatchOptions {
+  /** Only these customers' events (at most 1000); empty or absent: every customer. */
+  customerIds?: string[];
+  /** Resume right after this cursor (an event's or a heartbeat's); absent: from now. */
+  afterCursor?: string;
+  /** Also yield HEARTBEAT events (the first one means "caught up, live from here"). */
+  heartbeats?: boolean;
+  /** Ends the watch (the iteration simply finishes). */
+  signal?: AbortSignal;
+  reconnect?: ReconnectOptions;
+  /** Reconnect when no message arrived for this long (the server heartbeats every 15 s). Default 45000; 0: never. */
+  heartbeatTimeoutMs?: number;
+}
+
+/**
+ * An AsyncIterable of EntitlementEvents in commit order. After UNAVAILABLE, CANCELED from the far side,
+ * RESOURCE_EXHAUSTED / WATCH_SUBSCRIBER_TOO_SLOW (from the cursor its ErrorInfo names), an ended stream or a silent
+ * one, it reconnects from `cursor` with backoff: nothing is lost or repeated. CURSOR_EXPIRED (FAILED_PRECONDITION)
+ * and an unknown cursor (INVALID_ARGUMENT) are thrown as EntitlementsError, never retried; so is any other failure.
+ */
+export interface EntitlementWatch extends AsyncIterable<EntitlementEvent> {
+  /** The last cursor received: where a new watch would resume. */
+  readonly cursor: string;
+  /** How many times the stream was reopened. */
+  readonly reconnects: number;
+  /** True from the first heartbeat of the current stream until it breaks. */
+  readonly live: boolean;
+  /** Ends the watch; a pending iteration finishes. */
+  close(): void;
+}
 
 /**
  * A failed call: the gRPC status code, and the service's `google.rpc.ErrorInfo` when it sent one (the reason to
@@ -145,6 +198,115 @@ function getSubscriptionRequest(request: SubscriptionSelector | GetSubscriptionI
   return { selector: { case: only[0], value: only[1] } as Selector };
 }
 
+function resumable(error: EntitlementsError): boolean {
+  return (
+    error.code === Code.Unavailable ||
+    error.code === Code.Canceled ||
+    (error.code === Code.ResourceExhausted && error.reason === "WATCH_SUBSCRIBER_TOO_SLOW")
+  );
+}
+
+function pause(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal.aborted) return resolve();
+    const done = () => {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    signal.addEventListener("abort", done, { once: true });
+  });
+}
+
+type WatchRpc = (
+  request: { customerIds: string[]; afterCursor: string },
+  options: CallOptions,
+) => AsyncIterable<EntitlementEvent>;
+
+function createWatch(rpc: WatchRpc, options: WatchOptions): EntitlementWatch {
+  const customerIds = [...(options.customerIds ?? [])];
+  const heartbeats = options.heartbeats ?? false;
+  const reconnect = options.reconnect ?? {};
+  const initial = reconnect.initialBackoffMs ?? 100;
+  const max = reconnect.maxBackoffMs ?? 5000;
+  const multiplier = reconnect.multiplier ?? 2;
+  const silentMs = options.heartbeatTimeoutMs ?? 45000;
+  const stop = new AbortController();
+  if (options.signal) {
+    if (options.signal.aborted) stop.abort();
+    else options.signal.addEventListener("abort", () => stop.abort(), { once: true });
+  }
+  const state = { cursor: options.afterCursor ?? "", reconnects: 0, live: false };
+
+  async function* run(): AsyncGenerator<EntitlementEvent> {
+    let failures = 0;
+    while (!stop.signal.aborted) {
+      const attempt = new AbortController();
+      const onStop = () => attempt.abort();
+      stop.signal.addEventListener("abort", onStop, { once: true });
+      let silent = false;
+      let timer: NodeJS.Timeout | undefined;
+      const arm = () => {
+        if (silentMs <= 0) return;
+        clearTimeout(timer);
+        timer = setTimeout(() => {
+          silent = true;
+          attempt.abort();
+        }, silentMs);
+      };
+      let failure: EntitlementsError;
+      try {
+        arm();
+        const stream = rpc({ customerIds, afterCursor: state.cursor }, { signal: attempt.signal, timeoutMs: 0 });
+        for await (const event of stream) {
+          arm();
+          failures = 0;
+          if (event.cursor) state.cursor = event.cursor;
+          if (event.kind === EntitlementEventKind.HEARTBEAT) {
+            state.live = true;
+            if (!heartbeats) continue;
+          }
+          yield event;
+        }
+        failure = new EntitlementsError(new ConnectError("the server ended the watch stream", Code.Unavailable));
+      } catch (error) {
+        if (stop.signal.aborted) return;
+        failure = silent
+          ? new EntitlementsError(new ConnectError(`no message for ${silentMs} ms`, Code.Unavailable))
+          : EntitlementsError.from(error);
+      } finally {
+        clearTimeout(timer);
+        stop.signal.removeEventListener("abort", onStop);
+        attempt.abort();
+        state.live = false;
+      }
+      if (!resumable(failure)) throw failure;
+      const resumeAt = failure.metadata["cursor"];
+      if (failure.reason === "WATCH_SUBSCRIBER_TOO_SLOW" && resumeAt) state.cursor = resumeAt;
+      failures += 1;
+      if (reconnect.maxAttempts !== undefined && failures >= reconnect.maxAttempts) throw failure;
+      state.reconnects += 1;
+      const cap = Math.min(max, initial * multiplier ** (failures - 1));
+      await pause(cap * (1 - 0.5 * Math.random()), stop.signal);
+    }
+  }
+
+  return {
+    get cursor() {
+      return state.cursor;
+    },
+    get reconnects() {
+      return state.reconnects;
+    },
+    get live() {
+      return state.live;
+    },
+    close: () => stop.abort(),
+    [Symbol.asyncIterator]: () => run(),
+  };
+}
+
 /** One client for the whole process: every call shares its HTTP/2 connection (opened on the first call). */
 export function createEntitlementsClient(options: EntitlementsClientOptions): EntitlementsClient {
   const { target, token, tls = false, timeoutMs = DEFAULT_TIMEOUT_MS } = options;
@@ -175,9 +337,11 @@ export function createEntitlementsClient(options: EntitlementsClientOptions): En
       method.methodKind === "unary" ? withEntitlementsErrors(rpc as (...args: unknown[]) => Promise<unknown>) : rpc;
   }
   const getSubscription = methods["getSubscription"] as Rpcs["getSubscription"];
+  const watchEntitlements = rpcs.watchEntitlements as unknown as WatchRpc;
   return {
     ...(methods as Omit<Rpcs, "getSubscription">),
     getSubscription: async (request, callOptions) => getSubscription(getSubscriptionRequest(request), callOptions),
+    watch: (watchOptions = {}) => createWatch(watchEntitlements, watchOptions),
     close: () => session.abort(),
   };
 }

@@ -9,11 +9,12 @@ import {
   AccessReason,
   Code,
   ERROR_DOMAIN,
+  EntitlementEventKind,
   EntitlementsError,
   FeatureKind,
   createEntitlementsClient,
 } from "../src/index.js";
-import type { EntitlementsClient } from "../src/index.js";
+import type { EntitlementEvent, EntitlementsClient } from "../src/index.js";
 
 function env(name: string): string {
   const value = process.env[name];
@@ -134,5 +135,52 @@ describe("entitlements.v1 over one client", () => {
     assert.equal(error.metadata["balance"], balance);
     const after = await client.checkAccess({ customerId, feature: "ai_tokens" });
     assert.equal(after.balance, balance, "a refused consumption changes nothing");
+  });
+
+  test("watch() sees a change live, then replays it from the cursor before it", async () => {
+    const watch = client.watch({ customerIds: [customerId], heartbeats: true });
+    const events: EntitlementEvent[] = [];
+    let caughtUp = "";
+    for await (const event of watch) {
+      if (event.kind === EntitlementEventKind.HEARTBEAT) {
+        if (!caughtUp) {
+          caughtUp = event.cursor;
+          assert.equal(watch.live, true);
+          await client.consumeCredits({ customerId, credit: "ai_tokens", amount: "1", idempotencyKey: "ts-watch-1" });
+        }
+        continue;
+      }
+      events.push(event);
+      if (event.kind === EntitlementEventKind.CREDITS_CHANGED) break;
+    }
+    const change = events.at(-1);
+    assert.ok(change);
+    assert.equal(change.customerId, customerId);
+    assert.equal(change.credit, "ai_tokens");
+    assert.ok(change.cursor);
+    assert.equal(watch.cursor, change.cursor);
+
+    const again = client.watch({ customerIds: [customerId], afterCursor: caughtUp });
+    const replayed: EntitlementEvent[] = [];
+    for await (const event of again) {
+      replayed.push(event);
+      if (replayed.length === events.length) break;
+    }
+    assert.deepEqual(
+      replayed.map((event) => event.cursor),
+      events.map((event) => event.cursor),
+    );
+  });
+
+  test("watch() from a cursor the server never issued throws INVALID_ARGUMENT naming after_cursor", async () => {
+    const watch = client.watch({ afterCursor: "not-a-cursor" });
+    const error = await rejection(
+      (async () => {
+        for await (const _ of watch) assert.fail("no event expected");
+      })(),
+    );
+
+    assert.equal(error.code, Code.InvalidArgument);
+    assert.equal(error.metadata["field"], "after_cursor");
   });
 });
