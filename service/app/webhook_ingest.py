@@ -20,7 +20,7 @@ from service.domain.dodo_events import Event, EventData, Outcome, read_data
 from service.domain.dodo_payloads import DodoLedgerEntry, DodoSubscription, customer_ref_in
 from service.domain.errors import MalformedPayload
 from storage.engine import Connection, Database
-from storage.repositories.inbox import InboxRepository
+from storage.repositories.inbox import InboxRepository, InboxRow
 
 log = logging.getLogger("entitlements.webhooks")
 
@@ -104,20 +104,15 @@ async def _ingest(
     try:
         with _storable():
             async with db.tx() as connection:
-                outcome, subject, customers = await _handle(connection, catalog, event, content)
+                outcome, subject, customers, stored = await _handle(connection, catalog, event, content)
+                if stored is False:
+                    raise _AlreadyStored
                 if linking is not None:
                     await link_ref(connection, linking[1], linking[0], linked_by=LinkedBy.WEBHOOK)
-                # Last, so the row goes in with its outcome in the same round trip; a twin delivery running
-                # concurrently waits here on the unique index and then rolls its (identical) work back.
-                stored = await InboxRepository(connection).record(
-                    webhook_id=event.webhook_id,
-                    event_type=event.type,
-                    event_timestamp=event.timestamp,
-                    business_id=event.business_id,
-                    payload_json=event.text,
-                    status=outcome.value,
-                    subject_id=subject or None,
-                )
+                if stored is None:
+                    # Last, so the row goes in with its outcome in the same round trip; a twin delivery running
+                    # concurrently waits here on the unique index and then rolls its (identical) work back.
+                    stored = await InboxRepository(connection).record(_inbox_row(event, outcome, subject))
                 if not stored:
                     raise _AlreadyStored
     except _AlreadyStored:
@@ -141,24 +136,40 @@ def _storable() -> Iterator[None]:
         raise MalformedPayload(f"the event holds a value too large to store ({error.sqlstate})") from None
 
 
+def _inbox_row(event: Event, outcome: Outcome, subject: str) -> InboxRow:
+    return InboxRow(
+        webhook_id=event.webhook_id,
+        event_type=event.type,
+        event_timestamp=event.timestamp,
+        business_id=event.business_id,
+        payload_json=event.text,
+        status=outcome.value,
+        subject_id=subject or None,
+    )
+
+
 async def _handle(
     connection: Connection, catalog: Catalog, event: Event, content: EventData
-) -> tuple[Outcome, str, tuple[str, ...]]:
-    """(outcome, the inbox row's subject, the customers whose entitlements changed)."""
+) -> tuple[Outcome, str, tuple[str, ...], bool | None]:
+    """(outcome, the inbox row's subject, the customers whose entitlements changed, whether the inbox row went in
+    with the state change: None when it is still to be recorded)."""
     if isinstance(content, DodoSubscription):
-        result = await apply_snapshot(connection, catalog, content, event.timestamp)
+        subscription_id = content.state.subscription_id
+        # An applied snapshot carries the inbox row in its own write statement: one round trip fewer.
+        applied = _inbox_row(event, Outcome.APPLIED, subscription_id)
+        result = await apply_snapshot(connection, catalog, content, event.timestamp, inbox=applied)
         if not result.applied:
             moved = (result.current.customer_id,) if result.hold_moved else ()
-            return Outcome.STALE, result.current.subscription_id, moved
+            return Outcome.STALE, result.current.subscription_id, moved, None
         customers = {result.current.customer_id}
         if result.previous is not None:
             customers.add(result.previous.customer_id)
-        return Outcome.APPLIED, result.current.subscription_id, tuple(customers)
+        return Outcome.APPLIED, result.current.subscription_id, tuple(customers), result.inbox_stored
     if isinstance(content, DodoLedgerEntry):
         outcome = Outcome(await apply_dodo_ledger_entry(connection, catalog, content))
         changed = (content.customer_id,) if outcome is Outcome.APPLIED else ()
-        return outcome, content.entry_id, changed
+        return outcome, content.entry_id, changed, None
     if event.type.startswith("payment.") and await apply_payment_webhook(connection, event.type, event.data):
         # One of our on-demand charges moved (service/app/charges.py).
-        return Outcome.APPLIED, content.subject_id, ()
-    return content.outcome, content.subject_id, ()
+        return Outcome.APPLIED, content.subject_id, (), None
+    return content.outcome, content.subject_id, (), None

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from service.domain.values import Addon, CartCredit, ScheduledChange, SubscriptionState
 from storage.engine import Connection
+from storage.repositories.inbox import InboxRow, inbox_insert
 
 _COLUMNS = (
     "subscription_id, customer_id, product_id, status, quantity, currency, recurring_pre_tax_amount, "
@@ -24,11 +25,14 @@ SELECT found.* FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 0)), 1 AS
 LEFT JOIN LATERAL ({SELECT_SUBSCRIPTIONS} WHERE subscription_id = $2 AND locked.go = 1 FOR UPDATE) AS found ON true
 """
 
-# One statement writes the customer, the subscription and the change-feed row for every replica's cache.
+# One statement writes the customer, the subscription and the change-feed row for every replica's cache (and, for
+# a webhook delivery, its inbox row).
 _WRITE = """
 WITH customer AS (
     INSERT INTO customers (customer_id, email, name) VALUES ($2, $24, $25)
+    -- The conflicting row is locked either way; an unchanged customer is not rewritten (no new row version).
     ON CONFLICT (customer_id) DO UPDATE SET email = EXCLUDED.email, name = EXCLUDED.name, updated_at = now()
+    WHERE (customers.email, customers.name) IS DISTINCT FROM (EXCLUDED.email, EXCLUDED.name)
 ), saved AS (
     INSERT INTO subscriptions (
         subscription_id, customer_id, product_id, status, quantity, currency, recurring_pre_tax_amount,
@@ -42,9 +46,11 @@ WITH customer AS (
     RETURNING 1
 ), changed AS (
     INSERT INTO entitlement_changes (customer_id) SELECT DISTINCT unnest(ARRAY[$2, $27]::text[])
-)
-SELECT count(*) FROM saved
+){inbox}
+SELECT (SELECT count(*) FROM saved) AS written, {stored} AS stored
 """
+# The delivery's inbox row, only if the subscription was written (an insert that lost the race writes nothing).
+_INBOX = f", inbox AS ({inbox_insert(29, when='EXISTS (SELECT 1 FROM saved)')})"
 
 _UPDATE_ON_CONFLICT = """DO UPDATE SET
         customer_id = EXCLUDED.customer_id, product_id = EXCLUDED.product_id, status = EXCLUDED.status,
@@ -62,8 +68,15 @@ _UPDATE_ON_CONFLICT = """DO UPDATE SET
         last_event_at = EXCLUDED.last_event_at, payload = EXCLUDED.payload, metadata = EXCLUDED.metadata,
         refreshed_at = coalesce(EXCLUDED.refreshed_at, subscriptions.refreshed_at), updated_at = now()"""
 
-_INSERT = _WRITE.format(on_conflict="DO NOTHING")
-_UPSERT = _WRITE.format(on_conflict=_UPDATE_ON_CONFLICT)
+_WRITES = {
+    (insert, inbox): _WRITE.format(
+        on_conflict="DO NOTHING" if insert else _UPDATE_ON_CONFLICT,
+        inbox=_INBOX if inbox else "",
+        stored="(SELECT count(*) FROM inbox)" if inbox else "NULL::bigint",
+    )
+    for insert in (False, True)
+    for inbox in (False, True)
+}
 
 
 _STALE = """
@@ -78,6 +91,16 @@ WHERE (
   AND (refreshed_at IS NULL OR refreshed_at < $1::timestamptz - $4::interval)
 ORDER BY subscription_id
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Saved:
+    """`written`: the subscription was stored (False only for an insert that found the row taken). `inbox_stored`:
+    None when no inbox row was given or nothing was written; else whether the row went in (False: this webhook-id
+    is already stored, and the caller rolls back)."""
+
+    written: bool
+    inbox_stored: bool | None = None
 
 
 class SubscriptionRepository:
@@ -113,12 +136,14 @@ class SubscriptionRepository:
         refreshed_at: datetime | None = None,
         previous_customer_id: str | None = None,
         insert: bool = False,
-    ) -> bool:
+        inbox: InboxRow | None = None,
+    ) -> Saved:
         """Write the snapshot and its customer, and record the change of both customers involved for every
-        replica's cache. With `insert`, only a brand-new row is written: False means a concurrent first delivery
-        inserted it meanwhile (the caller locks that row and merges again)."""
-        written = await self.connection.fetchval(
-            _INSERT if insert else _UPSERT,
+        replica's cache; with `inbox`, the webhook delivery's inbox row in the same statement. With `insert`, only
+        a brand-new row is written: not `written` means a concurrent first delivery inserted it meanwhile (the
+        caller locks that row and merges again)."""
+        row = await self.connection.fetchrow(
+            _WRITES[insert, inbox is not None],
             state.subscription_id,
             state.customer_id,
             state.product_id,
@@ -147,8 +172,11 @@ class SubscriptionRepository:
             refreshed_at,
             previous_customer_id or state.customer_id,
             state.hold_cleared_at,
+            *(() if inbox is None else inbox.args()),
         )
-        return bool(written)
+        assert row is not None
+        written = bool(row["written"])
+        return Saved(written, None if inbox is None or not written else bool(row["stored"]))
 
     async def stale_ids(
         self, now: datetime, *, renewal_margin: timedelta, silent_for: timedelta, recheck_after: timedelta
