@@ -24,6 +24,7 @@ from entitlements_client import (
 )
 
 from service.server import Running
+from tests.clients.local_check_timing import time_local_checks
 from tests.clients.python_client_support import Flaky, flaky_front, pro_customer
 from tests.support import API_TOKEN, CUSTOMER_ID, FakeClock, WebhookPoster, deliver, subscription_event, utc
 
@@ -339,3 +340,17 @@ def test_policies_and_bounds_are_checked_when_the_cache_is_made() -> None:
             local.check_access(CUSTOMER_ID, "dashboard", customer_ref=REF)
     finally:
         client.close()
+
+
+async def test_a_cached_check_costs_microseconds_in_the_caller(
+    target: str, webhooks: WebhookPoster, clock: FakeClock
+) -> None:
+    """Not a timing assertion: the figure is printed (`-s`) for the report and `make bench`; only its hits count."""
+    await pro_customer(webhooks)
+    async with EntitlementsClient(target, token=API_TOKEN) as direct, direct.local(clock=clock) as local:
+        await local.wait_live(PATIENCE)
+        await cached(local, CUSTOMER_ID, "dashboard")
+        cost = await time_local_checks(local, CUSTOMER_ID, "dashboard", calls=20_000)
+
+    print(f"local check: p50 {cost.p50_ns / 1000:.2f} us, p99 {cost.p99_ns / 1000:.2f} us over {cost.calls} calls")
+    assert cost.hits == cost.calls
