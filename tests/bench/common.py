@@ -19,6 +19,12 @@ WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 # The account the raw UPDATE baseline hammers: a row of credit_balances that belongs to no seeded customer, so the
 # seeded accounts keep balance = sum(ledger).
 RAW_UPDATE_CUSTOMER = "cus_bench_raw_update_row"
+# The service runs as in production, with callers configured: every bench client presents this caller's token.
+BENCH_CALLER = "bench"
+BENCH_TOKEN = "bench-token-5f3c9a1e7d2b4c6a8e0f1a2b3c4d5e6f"
+BENCH_CALLERS = f"{BENCH_CALLER}:{BENCH_TOKEN}:check+consume"
+AUTH_METADATA = (("authorization", f"Bearer {BENCH_TOKEN}"),)
+AUTH_HEADER = f"authorization: Bearer {BENCH_TOKEN}"
 HOT_CHECK_CUSTOMER = 0
 HOT_CONSUME_CUSTOMER = 1
 

@@ -1,10 +1,14 @@
-"""The baseline: a bare grpc.aio server on the service's method paths that answers a constant without any work.
+"""The baselines: bare grpc.aio servers on the service's method paths that answer a constant without any work.
 
-Same method paths and message types as `entitlements.v1.EntitlementService` (requests are parsed, responses
-serialized, like the real servicer's), one process, uvloop, no interceptors, no reflection, no health service.
-A bare aiohttp endpoint on a second port is the webhook receiver's baseline.
+Two kinds, one per process:
 
-Run as `python -m tests.bench.echo --grpc-port P --http-port Q`; prints `echo: ready` once both listen.
+- the protobuf echo (default): same method paths and message types as `entitlements.v1.EntitlementService`
+  (requests are parsed, responses serialized, like the real servicer's), one process, uvloop, no interceptors, no
+  reflection, no health service. A bare aiohttp endpoint on `--http-port` is the webhook receiver's baseline.
+- the identity echo (`--identity`): identity serializers (`lambda b: b`), the response's bytes made once, no
+  interceptors: what grpc.aio itself costs per call, the framework's own ceiling.
+
+Run as `python -m tests.bench.echo --grpc-port P [--http-port Q | --identity]`; prints `echo: ready` once it listens.
 """
 
 from __future__ import annotations
@@ -42,6 +46,37 @@ async def consume_credits(request: pb.ConsumeCreditsRequest, context: grpc.aio.S
     return CONSUME_CREDITS_RESPONSE
 
 
+CHECK_ACCESS_BYTES = CHECK_ACCESS_RESPONSE.SerializeToString()
+CONSUME_CREDITS_BYTES = CONSUME_CREDITS_RESPONSE.SerializeToString()
+
+
+def identity(data: bytes) -> bytes:
+    return data
+
+
+async def check_access_bytes(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    return CHECK_ACCESS_BYTES
+
+
+async def consume_credits_bytes(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    return CONSUME_CREDITS_BYTES
+
+
+def identity_handler() -> grpc.GenericRpcHandler:
+    """The framework's ceiling: grpc.aio's own per-call work, nothing parsed or serialized."""
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "CheckAccess": grpc.unary_unary_rpc_method_handler(
+                check_access_bytes, request_deserializer=identity, response_serializer=identity
+            ),
+            "ConsumeCredits": grpc.unary_unary_rpc_method_handler(
+                consume_credits_bytes, request_deserializer=identity, response_serializer=identity
+            ),
+        },
+    )
+
+
 def generic_handler() -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(
         SERVICE,
@@ -65,18 +100,20 @@ async def webhook(request: web.Request) -> web.Response:
     return web.json_response({"status": "applied"})
 
 
-async def serve(grpc_port: int, http_port: int) -> None:
+async def serve(grpc_port: int, http_port: int | None, *, identity_only: bool = False) -> None:
     # The service's own server options, so the comparison is transport against transport.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    server.add_generic_rpc_handlers((generic_handler(),))
+    server.add_generic_rpc_handlers((identity_handler() if identity_only else generic_handler(),))
     if server.add_insecure_port(f"127.0.0.1:{grpc_port}") == 0:
         raise SystemExit(f"echo: cannot listen on 127.0.0.1:{grpc_port}")
     await server.start()
-    app = web.Application()
-    app.router.add_post("/webhooks/dodo", webhook)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", http_port).start()
+    runner: web.AppRunner | None = None
+    if http_port is not None:
+        app = web.Application()
+        app.router.add_post("/webhooks/dodo", webhook)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", http_port).start()
     print("echo: ready", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -84,15 +121,19 @@ async def serve(grpc_port: int, http_port: int) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop(0)
-    await runner.cleanup()
+    if runner is not None:
+        await runner.cleanup()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.echo")
     parser.add_argument("--grpc-port", type=int, required=True)
-    parser.add_argument("--http-port", type=int, required=True)
+    parser.add_argument("--http-port", type=int, help="the aiohttp webhook baseline's port (protobuf echo only)")
+    parser.add_argument("--identity", action="store_true", help="identity serializers: grpc.aio's own ceiling")
     args = parser.parse_args()
-    uvloop.run(serve(args.grpc_port, args.http_port))
+    if args.identity and args.http_port is not None:
+        parser.error("--identity serves gRPC only")
+    uvloop.run(serve(args.grpc_port, args.http_port, identity_only=args.identity))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import re
 import shutil
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tests.bench.common import LoadResult
@@ -32,18 +32,21 @@ def missing_tools() -> list[str]:
     return [tool for tool in ("h2load", "nghttp") if shutil.which(tool) is None]
 
 
-def _headers() -> list[str]:
-    return ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+def _headers(extra: Sequence[str] = ()) -> list[str]:
+    found = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+    for header in extra:
+        found += ["-H", header]
+    return found
 
 
-async def grpc_status_of(port: int, path: str, body_file: Path) -> tuple[str, bytes]:
+async def grpc_status_of(port: int, path: str, body_file: Path, headers: Sequence[str] = ()) -> tuple[str, bytes]:
     """One request with nghttp: the grpc-status trailer (or "" when absent) and the raw output."""
     process = await asyncio.create_subprocess_exec(
         "nghttp",
         "-v",
         "-d",
         str(body_file),
-        *_headers(),
+        *_headers(headers),
         f"http://127.0.0.1:{port}{path}",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -87,6 +90,7 @@ async def run(
     duration: float,
     log_file: Path,
     on_window: Callable[[bool], None],
+    headers: Sequence[str] = (),
 ) -> LoadResult:
     """h2load for `warmup` + `duration` seconds; `on_window` brackets (most of) the main phase for CPU sampling.
 
@@ -100,7 +104,7 @@ async def run(
         f"http://127.0.0.1:{port}{path}",
         "-d",
         str(body_file),
-        *_headers(),
+        *_headers(headers),
         "-c",
         str(connections),
         "-m",

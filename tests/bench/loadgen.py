@@ -65,6 +65,8 @@ class GrpcJob:
     seed: int
     events: int = 1
     tag: str = ""
+    # Sent with every call: the bearer token of the bench's caller (the service runs with callers configured).
+    metadata: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class WalkJob:
     indices: list[int]
     feature: str
     budget: float
+    metadata: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,7 @@ async def _grpc(job: GrpcJob, conn: Connection) -> WorkerResult:
         call: grpc.aio.UnaryUnaryMultiCallable[bytes, Any] = channel.unary_unary(
             path, request_serializer=None, response_deserializer=parse
         )
+        metadata = job.metadata or None
         conn.send(READY)
         start_wall: float = await asyncio.get_running_loop().run_in_executor(None, conn.recv)
         meter = _Meter(start_wall, job.window)
@@ -210,7 +214,7 @@ async def _grpc(job: GrpcJob, conn: Connection) -> WorkerResult:
                 if began >= meter.end:
                     return
                 try:
-                    response = await call(make())
+                    response = await call(make(), metadata=metadata)
                 except grpc.aio.AioRpcError as error:
                     meter.error(error.code().name)
                     continue
@@ -246,7 +250,10 @@ async def _walk(job: WalkJob, conn: Connection) -> WorkerResult:
                 if began >= meter.end:
                     return
                 try:
-                    await call(pb.CheckAccessRequest(customer_id=customer_id(index), feature=job.feature))
+                    await call(
+                        pb.CheckAccessRequest(customer_id=customer_id(index), feature=job.feature),
+                        metadata=job.metadata or None,
+                    )
                 except grpc.aio.AioRpcError as error:
                     meter.error(error.code().name)
                     continue

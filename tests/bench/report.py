@@ -53,6 +53,8 @@ class Case:
     in_flight: int
     service: Side
     baseline: Side | None = None
+    # The bare grpc.aio identity echo (identity serializers, no interceptors): the framework's own ceiling.
+    ceiling: Side | None = None
     target: str = ""
     passed: bool | None = None
     why: str = ""
@@ -70,6 +72,18 @@ class Case:
             return None
         return self.service.load.p99_ms / self.baseline.load.p99_ms
 
+    @property
+    def ceiling_ratio(self) -> float | None:
+        if self.ceiling is None or self.ceiling.load.requests_per_second <= 0:
+            return None
+        return self.service.load.requests_per_second / self.ceiling.load.requests_per_second
+
+    @property
+    def ceiling_p99_ratio(self) -> float | None:
+        if self.ceiling is None or self.ceiling.load.p99_ms <= 0:
+            return None
+        return self.service.load.p99_ms / self.ceiling.load.p99_ms
+
     def as_json(self) -> dict[str, Any]:
         return {
             "case": self.name,
@@ -79,6 +93,9 @@ class Case:
             "baseline": None if self.baseline is None else self.baseline.as_json(),
             "ratio": _round(self.ratio, 3),
             "p99_ratio": _round(self.p99_ratio, 3),
+            "bare_echo": None if self.ceiling is None else self.ceiling.as_json(),
+            "ratio_to_bare_echo": _round(self.ceiling_ratio, 3),
+            "p99_ratio_to_bare_echo": _round(self.ceiling_p99_ratio, 3),
             "target": self.target,
             "passed": self.passed,
             "why": self.why,
@@ -101,7 +118,11 @@ COLUMNS = (
     ("base p99", 8),
     ("base µs", 7),
     ("ratio", 6),
-    ("target", 22),
+    ("bare req/s", 10),
+    ("bare p99", 8),
+    ("bare µs", 7),
+    ("×bare", 6),
+    ("target", 30),
     ("result", 6),
 )
 
@@ -130,6 +151,10 @@ def table(cases: list[Case]) -> str:
             _fmt(b.load.p99_ms, 2) if b and b.load.latencies_us else "-",
             _fmt(b.server_cpu_us) if b else "-",
             _fmt(case.ratio, 2),
+            _fmt(case.ceiling.load.requests_per_second) if case.ceiling else "-",
+            _fmt(case.ceiling.load.p99_ms, 2) if case.ceiling and case.ceiling.load.latencies_us else "-",
+            _fmt(case.ceiling.server_cpu_us) if case.ceiling else "-",
+            _fmt(case.ceiling_ratio, 2),
             case.target or "-",
             {True: "PASS", False: "FAIL", None: "info"}[case.passed],
         ]
@@ -144,7 +169,10 @@ def table(cases: list[Case]) -> str:
         lines += ["", "notes:", *notes]
     lines += [
         "",
-        "srv/pg/base µs: CPU per call of the server process, of Postgres for this database, of the baseline server;",
+        "ratio: to the baseline (the protobuf echo for gRPC rows); ×bare: to the bare grpc.aio identity echo, the",
+        "framework's ceiling (identity serializers, no interceptors). The service runs with callers (tokens) and",
+        "metrics on, TLS off, and every client sends the bench caller's token (to the echoes too: same bytes).",
+        "srv/pg/base/bare µs: CPU per call of the server process, of Postgres for this database, of the baselines;",
         "other: cores used meanwhile by processes outside the bench (above ~0.2 they skew the row).",
     ]
     return "\n".join(lines)
