@@ -51,10 +51,12 @@ class EntitlementReader:
         kind = self.catalog.kind_of(feature)
         if kind is None:
             raise UnknownFeature(feature)
-        resolved = await self.customers.resolve(customer_id, customer_ref)
+        # By customer_id (the usual call) nothing is left to resolve: no coroutine for it.
+        resolved = await self.customers.resolve(customer_id, customer_ref) if customer_ref else customer_id
         if resolved is None:  # a ref nobody has linked yet: a customer without a subscription
             return FeatureDecision(False, AccessReason.NO_SUBSCRIPTION, kind)
-        found = await self.cache.lookup(resolved, balances=kind is FeatureKind.CREDIT)
+        balances = kind is FeatureKind.CREDIT
+        found = self.cache.fresh(resolved, balances=balances) or await self.cache.lookup(resolved, balances=balances)
         decision = self.decide(found.customer, feature, kind)
         if not found.stale:
             return decision

@@ -287,3 +287,38 @@ async def test_a_clean_shutdown_logs_no_bypass_warning(service: Running, caplog:
     caplog.set_level(logging.WARNING)
     await service.stop(0)
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("cache.")] == []
+
+
+async def test_fresh_answers_from_memory_only_what_get_would_answer_from_memory(
+    webhooks: WebhookPoster, db: Database, clock: FakeClock
+) -> None:
+    """CheckAccess's synchronous first try: a hit exactly when `get` would hit, None otherwise (then `lookup`)."""
+    clock.set(ACTIVE_AT + timedelta(days=1))
+    await deliver(webhooks, subscription_event("subscription.active", timestamp=ACTIVE_AT))
+    cache = EntitlementCache(db)
+    assert cache.fresh(CUSTOMER_ID) is None, "not listening: nothing cached may be trusted"
+    tasks = BackgroundTasks()
+    cache.start(tasks)
+    try:
+        for _ in range(250):
+            if cache.listening:
+                break
+            await asyncio.sleep(0.02)
+        assert cache.listening
+        assert cache.fresh(CUSTOMER_ID, balances=False) is None, "not cached yet"
+        await cache.get(CUSTOMER_ID, balances=False)
+        hits = cache.hits
+        found = cache.fresh(CUSTOMER_ID, balances=False)
+        assert found is not None
+        assert not found.stale
+        assert [s.status for s in found.customer.subscriptions] == ["active"]
+        assert cache.hits == hits + 1
+        cache.invalidate(CUSTOMER_ID, balances_only=True)  # a consumption elsewhere: subscriptions still hold
+        assert cache.fresh(CUSTOMER_ID, balances=False) is not None
+        assert cache.fresh(CUSTOMER_ID, balances=True) is None, "balances not loaded: get would read them"
+        await cache.get(CUSTOMER_ID, balances=True)
+        assert cache.fresh(CUSTOMER_ID, balances=True) is not None
+        cache.invalidate(CUSTOMER_ID)
+        assert cache.fresh(CUSTOMER_ID, balances=False) is None, "a change notice drops it"
+    finally:
+        await tasks.stop()
