@@ -1,10 +1,11 @@
 """Minimal reproductions: what grpc.aio itself charges per call for the things a real server has and the bare
 identity echo lacks (registered methods, interceptors, more services, protobuf, an `async def` servicer).
 
-Each variant is the identity echo of tests/bench/echo.py plus one thing; all run in their own process, loaded by
-h2load with the same body (the bench's CheckAccess request, bearer token header included), alternating variants
-round by round. Requests/s and the server's CPU per call are printed per variant, with the ratio to the bare echo
-of the same round (median over rounds).
+Each variant is the identity echo of tests/bench/echo.py plus one thing (or, `ours_nowork`, the service's whole
+server shape with a handler that does nothing); all run in their own process, loaded by h2load with the same body
+(the bench's CheckAccess request, bearer token header included), alternating variants round by round. Requests/s
+and the CPU per call of the server's main thread (the event loop) are printed per variant, with the ratio to the
+bare echo of the same round (median over rounds).
 
     python -m tests.bench.grpc_overhead [--rounds 3] [--duration 4] [--in-flight 16] [--variants a,b]
     python -m tests.bench.grpc_overhead --serve VARIANT --port P     (one server; what the runner spawns)
@@ -31,7 +32,7 @@ from entitlements.v1 import entitlements_pb2 as pb
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 
 from tests.bench import h2load
-from tests.bench.common import AUTH_HEADER, CHECK_ACCESS, FEATURE, customer_id
+from tests.bench.common import AUTH_HEADER, BENCH_CALLERS, CHECK_ACCESS, FEATURE, customer_id
 from tests.bench.echo import CHECK_ACCESS_BYTES, CHECK_ACCESS_RESPONSE, SERVICE, identity, identity_handler
 from tests.bench.procs import REPO_ROOT, free_port
 
@@ -45,6 +46,9 @@ VARIANTS = {
     "servicer": "the generated servicer (protobuf, registered methods, health-free): our service's shape, no work",
     "servicer_intercepted": "the generated servicer + one pass-through interceptor",
     "protobuf_intercepted": "protobuf echo (generic handler) + one pass-through interceptor",
+    "ours_nowork": "the service's server shape, no work: generated servicer answering a constant, health, "
+    "reflection, and our AuthInterceptor (the bench's caller) + ErrorInterceptor (metrics on)",
+    "ours_nowork_noint": "the same without the two interceptors",
     "work10": "identity echo whose handler spends 10 µs of pure Python (measured in a tight loop) per call",
     "work20": "identity echo whose handler spends 20 µs of pure Python (measured in a tight loop) per call",
 }
@@ -127,6 +131,11 @@ def _working(micros: int) -> Callable[[bytes, Any], Awaitable[bytes]]:
 
 async def serve(variant: str, port: int) -> None:
     interceptors: list[grpc.aio.ServerInterceptor] = []
+    if variant == "ours_nowork":
+        from service.app.metrics import Metrics
+        from service.grpc.interceptors import AuthInterceptor, ErrorInterceptor, parse_callers
+
+        interceptors = [AuthInterceptor(parse_callers(BENCH_CALLERS)), ErrorInterceptor(Metrics())]
     if variant in ("interceptor", "servicer_intercepted", "protobuf_intercepted"):
         interceptors = [PassThrough()]
     elif variant == "interceptors2":
@@ -139,6 +148,14 @@ async def serve(variant: str, port: int) -> None:
             _check_access_bytes, request_deserializer=identity, response_serializer=identity
         )
         server.add_registered_method_handlers(SERVICE, {"CheckAccess": handler})
+    elif variant in ("ours_nowork", "ours_nowork_noint"):
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+        from service.grpc import reflection
+
+        pb_grpc.add_EntitlementServiceServicer_to_server(NoWorkServicer(), server)  # type: ignore[abstract]
+        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+        reflection.enable(server, (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     elif variant in ("servicer", "servicer_intercepted"):
         # The other methods stay the generated base class's UNIMPLEMENTED ones (its stub marks them abstract).
         pb_grpc.add_EntitlementServiceServicer_to_server(NoWorkServicer(), server)  # type: ignore[abstract]
@@ -166,7 +183,9 @@ async def serve(variant: str, port: int) -> None:
 
 
 def _cpu_seconds(pid: int) -> float:
-    stat = Path(f"/proc/{pid}/stat").read_text()
+    """The main thread's CPU: the event loop, where grpc.aio's Python-side work and ours run (the process's other
+    threads are grpc's poller and event engine)."""
+    stat = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -242,11 +261,11 @@ async def run(
             ratios[variant].append(rates[variant][-1] / rates["bare"][-1])
     command = " ".join(["python -m tests.bench.grpc_overhead", *sys.argv[1:]])
     print(f"$ {command}    ({time.strftime('%Y-%m-%d %H:%M')}, h2load at {in_flight} in flight, {rounds} rounds)")
-    print(f"{'variant':14} {'req/s':>8} {'cpu µs/call':>12} {'× bare':>7}  what (medians; × bare per round: ...)")
+    print(f"{'variant':20} {'req/s':>8} {'main µs/call':>12} {'× bare':>7}  what (medians; × bare per round)")
     for variant in variants:
         each = " ".join(f"{ratio:.2f}" for ratio in ratios[variant])
         print(
-            f"{variant:14} {statistics.median(rates[variant]):8.0f} {statistics.median(cpus[variant]):12.0f} "
+            f"{variant:20} {statistics.median(rates[variant]):8.0f} {statistics.median(cpus[variant]):12.0f} "
             f"{statistics.median(ratios[variant]):7.2f}  {VARIANTS[variant]} ({each})"
         )
 
