@@ -121,6 +121,7 @@ async def test_check_access_prints_one_snake_case_json_object(
         "balance": None,
         "kind": "FEATURE_KIND_BOOLEAN",
         "stale": False,
+        "customer_id": CUSTOMER_ID,
     }
     assert positional.json() == by_options.json()
     assert (credit.json()["balance"], credit.json()["kind"]) == ("10000", "FEATURE_KIND_CREDIT")

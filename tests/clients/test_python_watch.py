@@ -90,6 +90,19 @@ async def consume(client: EntitlementsClient, times: int) -> None:
         await client.consume_credits(CUSTOMER_ID, "ai_tokens", "1", f"watch-{uuid.uuid4().hex}")
 
 
+async def settled_cursor(client: EntitlementsClient) -> str:
+    """A cursor after every event committed so far: that of a marker change watched for (a change made just before
+    a watch "from now" may still come to it as a live event)."""
+    marker = f"org_mark_{uuid.uuid4().hex[:12]}"
+    async with client.watch(heartbeats=True) as watch:
+        await caught_up(watch)
+        await client.link_customer(marker, OTHER_CUSTOMER)
+        while True:
+            event = await next_event(watch)
+            if event.customer_ref == marker:
+                return event.cursor
+
+
 async def reference(client: EntitlementsClient, after: str, count: int) -> list[str]:
     """The cursors of the first `count` changes after `after`, read by one unbroken watch (the truth)."""
     async with client.watch(after_cursor=after) as watch:
@@ -220,8 +233,7 @@ async def test_watch_resumes_on_another_replica_when_its_replica_goes_away(
     try:
         await pro_customer(webhooks)
         async with EntitlementsClient(f"127.0.0.1:{other.grpc_port}", token=API_TOKEN) as on_other:
-            async with on_other.watch(heartbeats=True) as probe:
-                start_cursor = (await caught_up(probe)).cursor
+            start_cursor = await settled_cursor(on_other)
             async with (
                 EntitlementsClient(front.target, token=API_TOKEN) as through_front,
                 through_front.watch(after_cursor=start_cursor, reconnect=QUICK) as watch,
