@@ -205,6 +205,11 @@ class _CacheCore:
             self.stale_hits += 1
         return entry.result
 
+    def peek(self, key: Key) -> CheckAccessResult | None:
+        """The cached answer as it stands (expired or not), without counting or reordering anything."""
+        entry = self.entries.get(key)
+        return None if entry is None else entry.result
+
     def _fresh_enough(self) -> bool:
         if self.last_live is None:
             return False
@@ -453,6 +458,12 @@ class LocalEntitlements:
     def stats(self) -> LocalCacheStats:
         return self._core.stats()
 
+    def peek(
+        self, customer_id: str | None = None, feature: str | None = None, *, customer_ref: str | None = None
+    ) -> CheckAccessResult | None:
+        """The answer the cache holds for this customer and feature, if any (no RPC, no policy, no counters)."""
+        return self._core.peek(_key(customer_id, customer_ref, feature))
+
     def _on_state(self, watch: _WatchCore) -> None:
         self._core.on_state(watch)
         if self._core.state is StreamState.LIVE:
@@ -560,6 +571,14 @@ class SyncLocalEntitlements:
     def stats(self) -> LocalCacheStats:
         with self._lock:
             return self._core.stats()
+
+    def peek(
+        self, customer_id: str | None = None, feature: str | None = None, *, customer_ref: str | None = None
+    ) -> CheckAccessResult | None:
+        """The answer the cache holds for this customer and feature, if any (no RPC, no policy, no counters)."""
+        key = _key(customer_id, customer_ref, feature)
+        with self._lock:
+            return self._core.peek(key)
 
     def _on_state(self, watch: _WatchCore) -> None:
         with self._lock:
