@@ -70,6 +70,12 @@ def status_details(code: grpc.StatusCode, message: str, reason: str, **metadata:
     return (("grpc-status-details-bin", status.SerializeToString()),)
 
 
+async def _nothing() -> AsyncIterator[bytes]:
+    nothing: tuple[bytes, ...] = ()
+    for message in nothing:
+        yield message
+
+
 def _authorization(context: grpc.aio.ServicerContext[bytes, bytes]) -> tuple[tuple[str, str], ...]:
     return tuple(
         (key, value)
@@ -101,7 +107,7 @@ async def flaky_front(upstream: str) -> AsyncIterator[Flaky]:
                 )
                 call = method(request, metadata=_authorization(context))
                 try:
-                    async for message in call:
+                    async for message in _nothing() if cut is not None and cut.after == 0 else call:
                         cursors.append(pb.EntitlementEvent.FromString(message).cursor)
                         yield message
                         if cut is not None and len(cursors) >= cut.after:

@@ -11,10 +11,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 
+import grpc
 import pytest
 from entitlements_client import (
     AccessReason,
     CheckAccessResult,
+    CursorExpired,
     EntitlementsClient,
     LocalEntitlements,
     Policy,
@@ -26,7 +28,7 @@ from entitlements_client import (
 
 from service.server import Running
 from tests.clients.local_check_timing import time_local_checks
-from tests.clients.python_client_support import Flaky, flaky_front, pro_customer
+from tests.clients.python_client_support import Cut, Flaky, flaky_front, pro_customer
 from tests.support import API_TOKEN, CUSTOMER_ID, FakeClock, WebhookPoster, deliver, subscription_event, utc
 
 QUICK = ReconnectPolicy(initial_backoff=0.01, max_backoff=0.05)
@@ -381,3 +383,23 @@ async def test_a_cached_check_costs_microseconds_in_the_caller(
 
     print(f"local check: p50 {cost.p50_ns / 1000:.2f} us, p99 {cost.p99_ns / 1000:.2f} us over {cost.calls} calls")
     assert cost.hits == cost.calls
+
+
+async def test_a_cursor_past_retention_empties_the_cache_and_it_watches_again_from_now(
+    client: EntitlementsClient, front: Flaky, clock: FakeClock
+) -> None:
+    # The first stream breaks after its heartbeat and one event; resuming, the cursor is refused as expired.
+    front.cuts = [Cut(after=2), Cut(after=0, code=grpc.StatusCode.FAILED_PRECONDITION, reason="CURSOR_EXPIRED")]
+    async with local_cache(client, clock, settle=0) as local:
+        await local.wait_live(PATIENCE)
+        held = await local.check_access(STRANGER, "dashboard")
+        assert local.peek(STRANGER, "dashboard") == held
+        await client.link_customer("org_expiry_1", MARKER_CUSTOMER)
+        await eventually(lambda: isinstance(local.last_error, CursorExpired), "the expired cursor seen")
+        emptied = local.peek(STRANGER, "dashboard")
+        await local.wait_live(PATIENCE)
+        streams = front.attempts["WatchEntitlements"]
+
+    assert emptied is None, "nothing the stream could not vouch for is kept"
+    assert streams == 3  # cut, refused, then from now
+    assert front.forwarded[2][:1] != []
