@@ -311,11 +311,17 @@ class CreditService:
         locked elsewhere and must wait in the contended lane)."""
         now = self.clock()
         wanted = [p.account_key for p in batch if p.denied is None]
-        accounts = await repository.lock_many(wanted, skip_locked=not wait_for_locks) if wanted else {}
+        keys = list({p.idempotency for p in batch})
+        if wait_for_locks:
+            accounts = await repository.lock_many(wanted) if wanted else {}
+            # After the locks: anything committed by a writer we waited for is visible to this read.
+            seen = await repository.by_idempotency_keys(keys)
+        else:
+            # Locks that are not waited for, and the replays, in one round trip: a key committed elsewhere after
+            # this read fails the batch's insert on the unique index, and the whole batch is retried (`_run`).
+            accounts, seen = await repository.lock_free_with_replays(wanted, keys)
         deferred = [p for p in batch if p.denied is None and p.account_key not in accounts]
         batch = [p for p in batch if p.denied is not None or p.account_key in accounts]
-        # After the locks: anything committed by a writer we waited for is visible to this read.
-        seen = await repository.by_idempotency_keys(list({p.idempotency for p in batch}))
         entries: list[LedgerEntry] = []
         touched: dict[tuple[str, str], Account] = {}
         # Expiry is decided now but written only with a consumption of the same account: a refused request

@@ -81,6 +81,51 @@ _ENTRY_COLUMNS = ", ".join(
 )
 
 
+def period_claims(first: int, *, subscription: str, customer: str, when: str = "true") -> str:
+    """Two CTEs, `claim` and `claimed_account`: claim the plan grants of (subscription, credit, period) given as
+    three arrays from parameter `first` on (credit text[], period_start timestamptz[], amount numeric[]; see
+    `claim_args`), each at most once ever, and lock the accounts of those claimed (created empty on first use),
+    returning their latest committed balance and grants. `subscription` and `customer` are SQL expressions; the
+    claims are made only `when` that holds. Embedded in another write so that the claim costs no round trip."""
+    return f"""
+    claim AS (
+        INSERT INTO credit_period_grants (subscription_id, credit, period_start, customer_id, amount)
+        SELECT ({subscription})::text, c.credit, c.period_start, ({customer})::text, c.amount
+        FROM unnest(${first}::text[], ${first + 1}::timestamptz[], ${first + 2}::numeric[])
+             AS c(credit, period_start, amount)
+        WHERE {when}
+        ON CONFLICT DO NOTHING
+        RETURNING customer_id, credit
+    ), claimed_account AS (
+        INSERT INTO credit_balances AS b (customer_id, credit)
+        SELECT customer_id, credit FROM claim
+        -- A no-op update: it takes the row lock and returns the latest committed balance and grants.
+        ON CONFLICT (customer_id, credit) DO UPDATE SET updated_at = b.updated_at
+        RETURNING b.customer_id, b.credit, b.balance, b.grants
+    )"""
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodClaim:
+    """A plan grant to claim: once per (subscription, credit, period_start)."""
+
+    credit: str
+    period_start: datetime
+    amount: Decimal
+
+
+def claim_args(claims: Sequence[PeriodClaim]) -> tuple[list[str], list[datetime], list[Decimal]]:
+    return [c.credit for c in claims], [c.period_start for c in claims], [c.amount for c in claims]
+
+
+_CLAIM = f"WITH {period_claims(3, subscription='$1', customer='$2')} SELECT * FROM claimed_account"
+
+
+def account_of(row: Any) -> Account:
+    """An account from a row with customer_id, credit, balance and grants."""
+    return _account(row)
+
+
 @dataclass(frozen=True, slots=True)
 class MirrorAdd:
     """An amount consumed from a Dodo-linked credit, to be added to its account's open mirror batch."""
@@ -95,6 +140,26 @@ class MirrorAdd:
 class StoredEntry:
     id: int
     entry: Entry
+
+
+# The accounts free to lock now and the ledger rows of the given idempotency keys, in one round trip (the shared
+# batch's read: it never waits for a lock, so nothing commits between its snapshot and its locks that it waited
+# for). Account rows are marked `is_account`; ledger rows leave the account columns NULL.
+_LOCK_WITH_REPLAYS = f"""
+WITH locked AS ({_SELECT_SKIP_LOCKED})
+SELECT true AS is_account, customer_id, credit, balance, grants,
+       NULL::bigint AS id, NULL::text AS entry_id, NULL::numeric AS amount, NULL::numeric AS balance_after,
+       NULL::text AS kind, NULL::text AS source, NULL::text AS idempotency_key, NULL::text AS fingerprint,
+       NULL::text AS dodo_entry_id, NULL::text AS description, NULL::jsonb AS metadata,
+       NULL::timestamptz AS created_at
+FROM locked
+UNION ALL
+SELECT false, l.customer_id, l.credit, NULL, NULL, l.id, l.entry_id, l.amount, l.balance_after, l.kind, l.source,
+       l.idempotency_key, l.fingerprint, l.dodo_entry_id, l.description, l.metadata, l.created_at
+FROM credit_ledger AS l
+JOIN unnest($3::text[], $4::text[]) AS k(customer_id, idempotency_key)
+  ON l.customer_id = k.customer_id AND l.idempotency_key = k.idempotency_key
+"""
 
 
 class CreditRepository:
@@ -132,6 +197,31 @@ class CreditRepository:
                 await self._select_for_update([k[0] for k in missing], [k[1] for k in missing], skip_locked=skip_locked)
             )
         return found
+
+    async def lock_free_with_replays(
+        self, keys: Sequence[tuple[str, str]], customer_keys: Sequence[tuple[str, str]]
+    ) -> tuple[dict[tuple[str, str], Account], dict[tuple[str, str], Entry]]:
+        """`lock_many(keys, skip_locked=True)` and `by_idempotency_keys(customer_keys)` in one round trip when every
+        account exists (the usual case); accounts not stored yet are created and locked as `lock_many` does."""
+        ordered = sorted(set(keys))
+        rows = await self.connection.fetch(
+            _LOCK_WITH_REPLAYS,
+            [k[0] for k in ordered],
+            [k[1] for k in ordered],
+            [k[0] for k in customer_keys],
+            [k[1] for k in customer_keys],
+        )
+        accounts: dict[tuple[str, str], Account] = {}
+        seen: dict[tuple[str, str], Entry] = {}
+        for row in rows:
+            if row["is_account"]:
+                accounts[(row["customer_id"], row["credit"])] = _account(row)
+            else:
+                seen[(row["customer_id"], row["idempotency_key"])] = _entry(row)
+        missing = [k for k in ordered if k not in accounts]
+        if missing:
+            accounts.update(await self.lock_many(missing, skip_locked=True))
+        return accounts, seen
 
     async def _select_for_update(
         self, customers: list[str], credits: list[str], *, skip_locked: bool
@@ -204,23 +294,7 @@ class CreditRepository:
         """Claim the plan grant of one (subscription, credit, period) and lock its account, in one round trip.
         None when it was claimed before: each period's grant is given once."""
         row = await self.connection.fetchrow(
-            """
-            WITH claim AS (
-                INSERT INTO credit_period_grants (subscription_id, credit, period_start, customer_id, amount)
-                VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING
-                RETURNING customer_id, credit
-            )
-            INSERT INTO credit_balances AS b (customer_id, credit)
-            SELECT customer_id, credit FROM claim
-            -- A no-op update: it takes the row lock and returns the latest committed balance and grants.
-            ON CONFLICT (customer_id, credit) DO UPDATE SET updated_at = b.updated_at
-            RETURNING b.customer_id, b.credit, b.balance, b.grants
-            """,
-            subscription_id,
-            credit,
-            period_start,
-            customer_id,
-            amount,
+            _CLAIM, subscription_id, customer_id, *claim_args([PeriodClaim(credit, period_start, amount)])
         )
         return None if row is None else _account(row)
 

@@ -47,7 +47,8 @@ def inbox_insert(first: int, *, when: str = "true") -> str:
     return f"""
     INSERT INTO webhook_inbox
         (webhook_id, event_type, event_timestamp, business_id, payload, status, subject_id, processed_at)
-    SELECT {p[0]}, {p[1]}, {p[2]}::timestamptz, {p[3]}, {p[4]}::text::jsonb, {p[5]}, {p[6]}, now()
+    SELECT {p[0]}::text, {p[1]}::text, {p[2]}::timestamptz, {p[3]}::text, {p[4]}::text::jsonb, {p[5]}::text,
+           {p[6]}::text, now()
     WHERE {when}
     ON CONFLICT (webhook_id) DO NOTHING
     RETURNING id

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from service.domain.values import Addon, CartCredit, ScheduledChange, SubscriptionState
+from service.domain.values import Account, Addon, CartCredit, ScheduledChange, SubscriptionState
 from storage.engine import Connection
+from storage.repositories.credits import PeriodClaim, account_of, claim_args, period_claims
 from storage.repositories.inbox import InboxRow, inbox_insert
 
 _COLUMNS = (
@@ -46,11 +49,11 @@ WITH customer AS (
     RETURNING 1
 ), changed AS (
     INSERT INTO entitlement_changes (customer_id) SELECT DISTINCT unnest(ARRAY[$2, $27]::text[])
-){inbox}
-SELECT (SELECT count(*) FROM saved) AS written, {stored} AS stored
+){inbox}{claims}
+SELECT w.written, w.stored{account_columns}
+FROM (SELECT (SELECT count(*) FROM saved) AS written, {stored} AS stored) AS w{account_join}
 """
-# The delivery's inbox row, only if the subscription was written (an insert that lost the race writes nothing).
-_INBOX = f", inbox AS ({inbox_insert(29, when='EXISTS (SELECT 1 FROM saved)')})"
+_WRITTEN = "EXISTS (SELECT 1 FROM saved)"
 
 _UPDATE_ON_CONFLICT = """DO UPDATE SET
         customer_id = EXCLUDED.customer_id, product_id = EXCLUDED.product_id, status = EXCLUDED.status,
@@ -68,15 +71,20 @@ _UPDATE_ON_CONFLICT = """DO UPDATE SET
         last_event_at = EXCLUDED.last_event_at, payload = EXCLUDED.payload, metadata = EXCLUDED.metadata,
         refreshed_at = coalesce(EXCLUDED.refreshed_at, subscriptions.refreshed_at), updated_at = now()"""
 
-_WRITES = {
-    (insert, inbox): _WRITE.format(
+
+@functools.cache
+def _write_statement(*, insert: bool, inbox: bool, claims: bool) -> str:
+    """The write, with (numbered after the 28 of the snapshot) the delivery's inbox row and the plan grants to
+    claim, both only when the subscription was written (an insert that lost the race writes nothing)."""
+    claims_from = 29 + (7 if inbox else 0)
+    return _WRITE.format(
         on_conflict="DO NOTHING" if insert else _UPDATE_ON_CONFLICT,
-        inbox=_INBOX if inbox else "",
+        inbox=f", inbox AS ({inbox_insert(29, when=_WRITTEN)})" if inbox else "",
+        claims=f", {period_claims(claims_from, subscription='$1', customer='$2', when=_WRITTEN)}" if claims else "",
         stored="(SELECT count(*) FROM inbox)" if inbox else "NULL::bigint",
+        account_columns=", a.customer_id, a.credit, a.balance, a.grants" if claims else "",
+        account_join=" LEFT JOIN claimed_account AS a ON true" if claims else "",
     )
-    for insert in (False, True)
-    for inbox in (False, True)
-}
 
 
 _STALE = """
@@ -101,6 +109,8 @@ class Saved:
 
     written: bool
     inbox_stored: bool | None = None
+    # The accounts of the plan grants claimed with the write, locked: the caller credits them.
+    claimed: tuple[Account, ...] = ()
 
 
 class SubscriptionRepository:
@@ -137,13 +147,15 @@ class SubscriptionRepository:
         previous_customer_id: str | None = None,
         insert: bool = False,
         inbox: InboxRow | None = None,
+        claims: Sequence[PeriodClaim] = (),
     ) -> Saved:
         """Write the snapshot and its customer, and record the change of both customers involved for every
         replica's cache; with `inbox`, the webhook delivery's inbox row in the same statement. With `insert`, only
         a brand-new row is written: not `written` means a concurrent first delivery inserted it meanwhile (the
-        caller locks that row and merges again)."""
-        row = await self.connection.fetchrow(
-            _WRITES[insert, inbox is not None],
+        caller locks that row and merges again). `claims` are the plan grants this snapshot calls for: each is
+        claimed once ever, and the accounts of those claimed now come back locked (`claimed`)."""
+        rows = await self.connection.fetch(
+            _write_statement(insert=insert, inbox=inbox is not None, claims=bool(claims)),
             state.subscription_id,
             state.customer_id,
             state.product_id,
@@ -173,10 +185,12 @@ class SubscriptionRepository:
             previous_customer_id or state.customer_id,
             state.hold_cleared_at,
             *(() if inbox is None else inbox.args()),
+            *(claim_args(claims) if claims else ()),
         )
-        assert row is not None
+        row = rows[0]
         written = bool(row["written"])
-        return Saved(written, None if inbox is None or not written else bool(row["stored"]))
+        claimed = tuple(account_of(r) for r in rows if claims and r["customer_id"] is not None)
+        return Saved(written, None if inbox is None or not written else bool(row["stored"]), claimed)
 
     async def stale_ids(
         self, now: datetime, *, renewal_margin: timedelta, silent_for: timedelta, recheck_after: timedelta
