@@ -38,17 +38,23 @@ WITH account AS (
          AS e(entry_id, customer_id, credit, amount, balance_after, kind, source, idempotency_key, fingerprint,
               dodo_entry_id, description, metadata)
     RETURNING created_at
-), mirror AS (
+){mirror}
+SELECT (SELECT count(*) FROM account), (SELECT max(created_at) FROM ledger), (SELECT count(*) FROM changed)
+"""
+_MIRROR = """, mirror AS (
     -- Consumptions of Dodo-linked credits join the open mirror batch of their account (service/app/credit_mirror.py),
     -- in this same transaction: a committed consumption is always on its way to Dodo, a rolled-back one never.
     INSERT INTO credit_mirror_batches AS m (batch_id, customer_id, credit, credit_entitlement_id, amount)
     SELECT * FROM unnest($17::text[], $18::text[], $19::text[], $20::text[], $21::numeric[])
     ON CONFLICT (customer_id, credit) WHERE status = 'open' DO UPDATE SET amount = m.amount + EXCLUDED.amount
     RETURNING 1
+)"""
+# Without mirror amounts (most saves) the statement leaves that CTE out: each execution is planned anew (custom
+# plans, for the arrays' lengths), and planning is a good part of its cost.
+_SAVE_MIRRORED = _SAVE.format(mirror=_MIRROR).replace(
+    "(SELECT count(*) FROM changed)", "(SELECT count(*) FROM changed), (SELECT count(*) FROM mirror)"
 )
-SELECT (SELECT count(*) FROM account), (SELECT max(created_at) FROM ledger),
-       (SELECT count(*) FROM changed), (SELECT count(*) FROM mirror)
-"""
+_SAVE_PLAIN = _SAVE.format(mirror="")
 
 _SELECT_FOR_UPDATE = """
 SELECT b.customer_id, b.credit, b.balance, b.grants
@@ -244,8 +250,20 @@ class CreditRepository:
 
         `mirror` holds at most one item per account (one statement may not update the same batch row twice)."""
         mirror = sorted(mirror, key=lambda m: (m.customer_id, m.credit))
+        mirrored = (
+            (
+                # A fresh id per item: used only when the account has no open batch (else the amount joins it).
+                [new_batch_id() for _ in mirror],
+                [m.customer_id for m in mirror],
+                [m.credit for m in mirror],
+                [m.credit_entitlement_id for m in mirror],
+                [m.amount for m in mirror],
+            )
+            if mirror
+            else ()
+        )
         await self.connection.execute(
-            _SAVE,
+            _SAVE_MIRRORED if mirror else _SAVE_PLAIN,
             [a.customer_id for a in accounts],
             [a.credit for a in accounts],
             [a.balance for a in accounts],
@@ -262,12 +280,7 @@ class CreditRepository:
             [e.dodo_entry_id for e in entries],
             [e.description for e in entries],
             [_json_text(dict(e.metadata)) for e in entries],
-            # A fresh id per item: used only when the account has no open batch (else the amount joins it).
-            [new_batch_id() for _ in mirror],
-            [m.customer_id for m in mirror],
-            [m.credit for m in mirror],
-            [m.credit_entitlement_id for m in mirror],
-            [m.amount for m in mirror],
+            *mirrored,
         )
 
     async def by_idempotency_keys(self, customer_keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Entry]:
