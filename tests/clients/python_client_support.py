@@ -46,7 +46,8 @@ class Flaky:
     """Per method: how many attempts arrived; the first `fail_first` of each are answered with `code`. `stall`
     seconds pass before any answer (to outlast a caller's deadline). `hold`, when set, keeps each CheckAccess
     answer (already computed upstream) until it is set. Watch streams: the next `cuts` are ended as each says;
-    `upstream` (host:port) may be moved to another replica; `forwarded` lists each stream's cursors."""
+    `mute` next ones go silent; `upstream` (host:port) may be moved to another replica; `forwarded` lists each
+    stream's cursors."""
 
     port: int
     upstream: str
@@ -56,6 +57,8 @@ class Flaky:
     attempts: Counter[str] = field(default_factory=Counter)
     hold: asyncio.Event | None = None
     cuts: list[Cut] = field(default_factory=list)
+    # The next `mute` watch streams go silent (open, sending nothing) after their first message.
+    mute: int = 0
     forwarded: list[list[str]] = field(default_factory=list)
 
     @property
@@ -99,6 +102,8 @@ async def flaky_front(upstream: str) -> AsyncIterator[Flaky]:
                     flaky.code, f"{flaky.code.name.lower()} (test front, attempt {flaky.attempts[WATCH]})"
                 )
             cut = flaky.cuts.pop(0) if flaky.cuts else None
+            muted = flaky.mute > 0
+            flaky.mute -= muted
             cursors: list[str] = []
             flaky.forwarded.append(cursors)
             async with grpc.aio.insecure_channel(flaky.upstream) as replica:
@@ -110,6 +115,8 @@ async def flaky_front(upstream: str) -> AsyncIterator[Flaky]:
                     async for message in _nothing() if cut is not None and cut.after == 0 else call:
                         cursors.append(pb.EntitlementEvent.FromString(message).cursor)
                         yield message
+                        if muted:
+                            await asyncio.sleep(3600)  # until the caller gives up on this stream
                         if cut is not None and len(cursors) >= cut.after:
                             break
                 except grpc.aio.AioRpcError as error:

@@ -287,6 +287,48 @@ async def test_a_watch_gives_up_after_its_policys_attempts_with_the_last_failure
     assert front.attempts["WatchEntitlements"] == 3
 
 
+async def test_a_silent_stream_is_given_up_after_heartbeat_timeout_and_resumed(
+    client: EntitlementsClient, front: Flaky, webhooks: WebhookPoster
+) -> None:
+    """The one wait here is the watchdog's own bound (0.3 s, a lower bound only)."""
+    front.mute = 1
+    async with (
+        EntitlementsClient(front.target, token=API_TOKEN) as through_front,
+        through_front.watch(heartbeats=True, reconnect=QUICK, heartbeat_timeout=0.3) as watch,
+    ):
+        first = await next_event(watch)  # then the stream goes quiet
+        second = await next_event(watch)  # the heartbeat of the stream it reopened
+        await pro_customer(webhooks)
+        (change,) = await changes(watch, 1)
+        reconnects, failure = watch.reconnects, watch.last_error
+
+    assert (first.is_heartbeat, second.is_heartbeat) == (True, True)
+    assert change.customer_id == CUSTOMER_ID
+    assert reconnects == 1
+    assert isinstance(failure, Unavailable)
+    assert "no message" in failure.message
+    assert front.attempts["WatchEntitlements"] == 2
+
+
+async def test_the_blocking_watch_gives_up_a_silent_stream_too(front: Flaky) -> None:
+    front.mute = 1
+
+    def two_heartbeats() -> tuple[int, str]:
+        with (
+            SyncEntitlementsClient(front.target, token=API_TOKEN) as sync,
+            sync.watch(heartbeats=True, reconnect=QUICK, heartbeat_timeout=0.3) as watch,
+        ):
+            assert next(watch).is_heartbeat
+            assert next(watch).is_heartbeat  # from the reopened stream
+            return watch.reconnects, str(watch.last_error)
+
+    reconnects, failure = await asyncio.wait_for(asyncio.to_thread(two_heartbeats), PATIENCE)
+
+    assert reconnects == 1
+    assert "no message" in failure
+    assert front.attempts["WatchEntitlements"] == 2
+
+
 def test_subscriber_too_slow_is_still_a_resource_exhausted() -> None:
     assert issubclass(SubscriberTooSlow, ResourceExhausted)
     assert issubclass(CursorExpired, FailedPrecondition)

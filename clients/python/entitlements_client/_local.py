@@ -431,6 +431,7 @@ class LocalEntitlements:
         self._options = options
         self._core = options.core()
         self._task: asyncio.Task[None] | None = None
+        self._watch: Any = None
         self._live = asyncio.Event()
         self._closed = False
         self.last_error: EntitlementsError | None = None
@@ -455,6 +456,10 @@ class LocalEntitlements:
     def live(self) -> bool:
         return self._core.state is StreamState.LIVE
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def stats(self) -> LocalCacheStats:
         return self._core.stats()
 
@@ -478,10 +483,13 @@ class LocalEntitlements:
             watch = self._client.watch(
                 options.customer_ids, after_cursor=cursor, **options.watch_options(self._on_state)
             )
+            self._watch = watch
             refused = False
             try:
                 async for event in watch:
                     self._core.on_event(event)
+                    if self.closed:
+                        break
             except (CursorExpired, InvalidCursor) as error:
                 log.warning("local cache: the stream's cursor was refused (%s); emptying the cache", error)
                 self.last_error = error
@@ -498,6 +506,9 @@ class LocalEntitlements:
 
     async def close(self) -> None:
         self._closed = True
+        watch = self._watch
+        if watch is not None:
+            await watch.aclose()  # ends the iteration even if the cancellation below were lost
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

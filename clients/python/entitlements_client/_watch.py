@@ -166,9 +166,14 @@ class EntitlementWatch(_WatchCore, AsyncIterator[EntitlementEvent]):
         )
         self._call: Any = None
         self._pause = 0.0
+        self._silenced: Any = None
 
     def __aiter__(self) -> EntitlementWatch:
         return self
+
+    def _silence(self, call: Any) -> None:
+        self._silenced = call
+        call.cancel()
 
     async def __anext__(self) -> EntitlementEvent:
         while True:
@@ -182,18 +187,27 @@ class EntitlementWatch(_WatchCore, AsyncIterator[EntitlementEvent]):
                         raise StopAsyncIteration
                 self._call = self._method(self._request(), metadata=self._metadata)
             call = self._call
+            # The watchdog cancels a silent call (a timer, not asyncio.wait_for: no task per message, and no
+            # cancellation of ours swallowed by wait_for's race on Python < 3.12).
+            timer = None
+            if self._heartbeat_timeout is not None:
+                timer = asyncio.get_running_loop().call_later(self._heartbeat_timeout, self._silence, call)
             try:
-                if self._heartbeat_timeout is None:
-                    message = await call.read()
-                else:
-                    message = await asyncio.wait_for(call.read(), self._heartbeat_timeout)
-            except asyncio.TimeoutError:
-                call.cancel()
+                message = await call.read()
+            except asyncio.CancelledError:
+                if self._silenced is not call:
+                    raise
                 self._fail(_silent(self._heartbeat_timeout or 0))
                 continue
             except grpc.RpcError as error:
-                self._fail(from_rpc_error(error), error)
+                if self._silenced is call:
+                    self._fail(_silent(self._heartbeat_timeout or 0))
+                else:
+                    self._fail(from_rpc_error(error), error)
                 continue
+            finally:
+                if timer is not None:
+                    timer.cancel()
             if message is grpc.aio.EOF:
                 self._fail(_ended())
                 continue
