@@ -43,3 +43,19 @@ def _report_crash(task: asyncio.Task[None]) -> None:
     # A background loop is meant to run until cancelled: ending any other way is a bug an operator must see.
     if not task.cancelled() and task.exception() is not None:
         log.error("background.crashed", extra={"task": task.get_name()}, exc_info=task.exception())
+
+
+async def wait_for_event(event: asyncio.Event, seconds: float) -> bool:
+    """Whether `event` is set within `seconds`.
+
+    For the wake-ups of background loops, instead of `asyncio.wait_for(event.wait(), timeout)`: on Python 3.11 that
+    can swallow a cancellation that arrives just as its timeout expires (CPython gh-86296), and a loop whose stop
+    was swallowed keeps running, so stopping the process waits for it forever. `asyncio.timeout` keeps it."""
+    if event.is_set():
+        return True
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

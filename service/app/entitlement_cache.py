@@ -28,7 +28,7 @@ from typing import Any
 
 import asyncpg
 
-from service.app.background import BackgroundTasks
+from service.app.background import BackgroundTasks, wait_for_event
 from service.domain.values import CustomerEntitlements
 from storage.engine import Connection, Database
 from storage.errors import is_database_unavailable
@@ -283,9 +283,7 @@ class EntitlementCache:
         self._set_listening(True)
         log.info("cache.listening")
         while not self._lost.is_set():
-            try:
-                await asyncio.wait_for(self._lost.wait(), timeout=self.ping_interval)
-            except TimeoutError:
+            if not await wait_for_event(self._lost, self.ping_interval):
                 # A half-open TCP connection never reports termination: prove the channel is alive.
                 await connection.fetchval("SELECT 1", timeout=self.db.connect_timeout)
 
