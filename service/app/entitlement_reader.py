@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from datetime import datetime
 from decimal import Decimal
 
 from service.app.customers import Customers, named_customer
@@ -58,6 +59,8 @@ class EntitlementReader:
         balances = kind is FeatureKind.CREDIT
         found = self.cache.fresh(resolved, balances=balances) or await self.cache.lookup(resolved, balances=balances)
         decision = self.decide(found.customer, feature, kind)
+        if customer_ref:
+            decision = replace(decision, customer_id=resolved)
         if not found.stale:
             return decision
         if not self.catalog.serves_stale(feature):
@@ -105,15 +108,25 @@ class EntitlementReader:
         raise MissingField("subscription_id, customer_id or customer_ref")
 
     def view(
-        self, sub: SubscriptionState, accounts: Mapping[str, Account] | None = None, *, customer_ref: str = ""
+        self,
+        sub: SubscriptionState,
+        accounts: Mapping[str, Account] | None = None,
+        *,
+        customer_ref: str = "",
+        at: datetime | None = None,
     ) -> SubscriptionView:
+        """GetSubscription's view; `at` decides as of another instant (a watch event's), without balances."""
         plan = self.catalog.plan(sub.product_id)
-        now = self.clock()
+        now = self.clock() if at is None else at
         accounts = accounts or {}
-        balances = {
-            key: credits.effective_balance(accounts[key], now) if key in accounts else Decimal(0)
-            for key in credits.credits_of(sub, self.catalog)
-        }
+        balances = (
+            {
+                key: credits.effective_balance(accounts[key], now) if key in accounts else Decimal(0)
+                for key in credits.credits_of(sub, self.catalog)
+            }
+            if at is None
+            else {}
+        )
         return SubscriptionView(
             state=sub,
             access=access.decide(sub, self.catalog, now),

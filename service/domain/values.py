@@ -224,6 +224,8 @@ class FeatureDecision:
     balance: Decimal | None = None
     # Decided from the last-known state while Postgres is unreachable (degraded mode).
     stale: bool = False
+    # Set when the customer was named by customer_ref: the Dodo customer it resolved to.
+    customer_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,9 +52,10 @@ def decimal_text(value: Decimal | None) -> str:
     return "" if value is None else decimals.decimal_text(value)
 
 
-def check_access_response(decision: FeatureDecision) -> pb.CheckAccessResponse:
+def check_access_response(decision: FeatureDecision, customer_id: str = "") -> pb.CheckAccessResponse:
     sub = decision.subscription
     return pb.CheckAccessResponse(
+        customer_id=customer_id or decision.customer_id,
         allowed=decision.allowed,
         reason=_REASONS[decision.reason],
         status=sub.status if sub is not None else "",

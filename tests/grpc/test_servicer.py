@@ -129,6 +129,7 @@ async def test_check_access_names_the_deciding_subscription_and_leaves_open_ende
     clock.set(MID_PERIOD)
     response = await stub.CheckAccess(pb.CheckAccessRequest(customer_id=CUSTOMER_ID, feature="dashboard"))
     assert response == pb.CheckAccessResponse(
+        customer_id=CUSTOMER_ID,
         allowed=True,
         reason=pb.ACCESS_REASON_ACTIVE,
         status="active",
@@ -146,6 +147,7 @@ async def test_check_access_on_a_limit_returns_the_plan_limit(
     clock.set(MID_PERIOD)
     response = await stub.CheckAccess(pb.CheckAccessRequest(customer_id=CUSTOMER_ID, feature="projects"))
     assert response == pb.CheckAccessResponse(
+        customer_id=CUSTOMER_ID,
         allowed=True,
         reason=pb.ACCESS_REASON_ACTIVE,
         status="active",
@@ -166,6 +168,7 @@ async def test_check_access_sets_access_ends_at_when_access_is_ending(
     clock.set(MID_PERIOD)
     response = await stub.CheckAccess(pb.CheckAccessRequest(customer_id=CUSTOMER_ID, feature="seats"))
     assert response == pb.CheckAccessResponse(
+        customer_id=CUSTOMER_ID,
         allowed=True,
         reason=pb.ACCESS_REASON_CANCELLATION_SCHEDULED,
         status="active",

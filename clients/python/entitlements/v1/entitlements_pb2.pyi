@@ -152,6 +152,56 @@ CHARGE_STATUS_UNKNOWN: ChargeStatus.ValueType  # 4
 """Dodo's answer was lost: resolved from Dodo's payments and payment webhooks before anything is sent again."""
 Global___ChargeStatus: _TypeAlias = ChargeStatus  # noqa: Y015
 
+class _EntitlementEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EntitlementEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EntitlementEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENTITLEMENT_EVENT_KIND_UNSPECIFIED: _EntitlementEventKind.ValueType  # 0
+    ENTITLEMENT_EVENT_KIND_SUBSCRIPTION_CHANGED: _EntitlementEventKind.ValueType  # 1
+    """A subscription's stored state changed (`subscription` holds it)."""
+    ENTITLEMENT_EVENT_KIND_ACCESS_CHANGED: _EntitlementEventKind.ValueType  # 2
+    """A subscription's access decision changed, by a write or by time (trial end, grace end, period end);
+    `subscription.access` is the decision from `occurred_at` on.
+    """
+    ENTITLEMENT_EVENT_KIND_CREDITS_CHANGED: _EntitlementEventKind.ValueType  # 3
+    """A credit balance changed (`credit`, `balance`)."""
+    ENTITLEMENT_EVENT_KIND_CREDITS_LOW: _EntitlementEventKind.ValueType  # 4
+    """A balance fell to or below the credit's catalog `low_balance_threshold` (`threshold`); once per crossing."""
+    ENTITLEMENT_EVENT_KIND_CREDITS_EXHAUSTED: _EntitlementEventKind.ValueType  # 5
+    """A balance reached the end of its headroom (balance plus allowed overage is zero or less); once per crossing."""
+    ENTITLEMENT_EVENT_KIND_CUSTOMER_LINKED: _EntitlementEventKind.ValueType  # 6
+    """A customer_ref was linked to (or moved to) `customer_id`."""
+    ENTITLEMENT_EVENT_KIND_HEARTBEAT: _EntitlementEventKind.ValueType  # 7
+    """Not a change: sent once the replay has caught up and then at every heartbeat interval while idle. Its
+    `cursor` is where to resume; the other fields are empty.
+    """
+
+class EntitlementEventKind(_EntitlementEventKind, metaclass=_EntitlementEventKindEnumTypeWrapper):
+    """EntitlementEventKind says what changed."""
+
+ENTITLEMENT_EVENT_KIND_UNSPECIFIED: EntitlementEventKind.ValueType  # 0
+ENTITLEMENT_EVENT_KIND_SUBSCRIPTION_CHANGED: EntitlementEventKind.ValueType  # 1
+"""A subscription's stored state changed (`subscription` holds it)."""
+ENTITLEMENT_EVENT_KIND_ACCESS_CHANGED: EntitlementEventKind.ValueType  # 2
+"""A subscription's access decision changed, by a write or by time (trial end, grace end, period end);
+`subscription.access` is the decision from `occurred_at` on.
+"""
+ENTITLEMENT_EVENT_KIND_CREDITS_CHANGED: EntitlementEventKind.ValueType  # 3
+"""A credit balance changed (`credit`, `balance`)."""
+ENTITLEMENT_EVENT_KIND_CREDITS_LOW: EntitlementEventKind.ValueType  # 4
+"""A balance fell to or below the credit's catalog `low_balance_threshold` (`threshold`); once per crossing."""
+ENTITLEMENT_EVENT_KIND_CREDITS_EXHAUSTED: EntitlementEventKind.ValueType  # 5
+"""A balance reached the end of its headroom (balance plus allowed overage is zero or less); once per crossing."""
+ENTITLEMENT_EVENT_KIND_CUSTOMER_LINKED: EntitlementEventKind.ValueType  # 6
+"""A customer_ref was linked to (or moved to) `customer_id`."""
+ENTITLEMENT_EVENT_KIND_HEARTBEAT: EntitlementEventKind.ValueType  # 7
+"""Not a change: sent once the replay has caught up and then at every heartbeat interval while idle. Its
+`cursor` is where to resume; the other fields are empty.
+"""
+Global___EntitlementEventKind: _TypeAlias = EntitlementEventKind  # noqa: Y015
+
 @_typing.final
 class CheckAccessRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -194,6 +244,7 @@ class CheckAccessResponse(_message.Message):
     BALANCE_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     STALE_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     reason: Global___AccessReason.ValueType
     status: _builtins.str
@@ -209,6 +260,8 @@ class CheckAccessResponse(_message.Message):
     """True when Postgres was unreachable and the answer comes from the last-known state (at most
     ENTITLEMENTS_STALE_GRACE_SECONDS old).
     """
+    customer_id: _builtins.str
+    """The Dodo customer the answer is about (the resolved one when asked by `customer_ref`; empty when unlinked)."""
     @_builtins.property
     def access_ends_at(self) -> _timestamp_pb2.Timestamp:
         """Unset means open-ended."""
@@ -226,10 +279,11 @@ class CheckAccessResponse(_message.Message):
         balance: _builtins.str = ...,
         kind: Global___FeatureKind.ValueType = ...,
         stale: _builtins.bool = ...,
+        customer_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["access_ends_at", b"access_ends_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_ends_at", b"access_ends_at", "allowed", b"allowed", "balance", b"balance", "kind", b"kind", "limit", b"limit", "product_id", b"product_id", "reason", b"reason", "stale", b"stale", "status", b"status", "subscription_id", b"subscription_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_ends_at", b"access_ends_at", "allowed", b"allowed", "balance", b"balance", "customer_id", b"customer_id", "kind", b"kind", "limit", b"limit", "product_id", b"product_id", "reason", b"reason", "stale", b"stale", "status", b"status", "subscription_id", b"subscription_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1674,3 +1728,82 @@ class GetChargeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetChargeResponse: _TypeAlias = GetChargeResponse  # noqa: Y015
+
+@_typing.final
+class WatchEntitlementsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_IDS_FIELD_NUMBER: _builtins.int
+    AFTER_CURSOR_FIELD_NUMBER: _builtins.int
+    after_cursor: _builtins.str
+    """Resume after this cursor (from an event or a heartbeat); empty means from now."""
+    @_builtins.property
+    def customer_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these customers' events (at most 1000); empty means every customer."""
+
+    def __init__(
+        self,
+        *,
+        customer_ids: _abc.Iterable[_builtins.str] | None = ...,
+        after_cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "customer_ids", b"customer_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchEntitlementsRequest: _TypeAlias = WatchEntitlementsRequest  # noqa: Y015
+
+@_typing.final
+class EntitlementEvent(_message.Message):
+    """EntitlementEvent is one change, in commit order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_REF_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTION_FIELD_NUMBER: _builtins.int
+    CREDIT_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Opaque; pass it back as `after_cursor` to resume right after this event."""
+    customer_id: _builtins.str
+    customer_ref: _builtins.str
+    """The company's own id for the customer, when one is linked."""
+    kind: Global___EntitlementEventKind.ValueType
+    credit: _builtins.str
+    """For CREDITS_*: the credit key and its balance after the change (decimal string)."""
+    balance: _builtins.str
+    threshold: _builtins.str
+    """For CREDITS_LOW: the threshold crossed (decimal string)."""
+    @_builtins.property
+    def subscription(self) -> Global___Subscription:
+        """For SUBSCRIPTION_CHANGED and ACCESS_CHANGED: the subscription as of `occurred_at` (`credits` left empty)."""
+
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        cursor: _builtins.str = ...,
+        customer_id: _builtins.str = ...,
+        customer_ref: _builtins.str = ...,
+        kind: Global___EntitlementEventKind.ValueType = ...,
+        subscription: Global___Subscription | None = ...,
+        credit: _builtins.str = ...,
+        balance: _builtins.str = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        threshold: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at", "subscription", b"subscription"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "credit", b"credit", "cursor", b"cursor", "customer_id", b"customer_id", "customer_ref", b"customer_ref", "kind", b"kind", "occurred_at", b"occurred_at", "subscription", b"subscription", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EntitlementEvent: _TypeAlias = EntitlementEvent  # noqa: Y015

@@ -110,6 +110,11 @@ class EntitlementServiceStub:
                 request_serializer=entitlements_dot_v1_dot_entitlements__pb2.GetChargeRequest.SerializeToString,
                 response_deserializer=entitlements_dot_v1_dot_entitlements__pb2.GetChargeResponse.FromString,
                 _registered_method=True)
+        self.WatchEntitlements = channel.unary_stream(
+                '/entitlements.v1.EntitlementService/WatchEntitlements',
+                request_serializer=entitlements_dot_v1_dot_entitlements__pb2.WatchEntitlementsRequest.SerializeToString,
+                response_deserializer=entitlements_dot_v1_dot_entitlements__pb2.EntitlementEvent.FromString,
+                _registered_method=True)
 
 
 class EntitlementServiceServicer:
@@ -221,6 +226,13 @@ class EntitlementServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchEntitlements(self, request, context):
+        """WatchEntitlements streams every entitlement change after a cursor, in commit order, then follows live.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EntitlementServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -298,6 +310,11 @@ def add_EntitlementServiceServicer_to_server(servicer, server):
                     servicer.GetCharge,
                     request_deserializer=entitlements_dot_v1_dot_entitlements__pb2.GetChargeRequest.FromString,
                     response_serializer=entitlements_dot_v1_dot_entitlements__pb2.GetChargeResponse.SerializeToString,
+            ),
+            'WatchEntitlements': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEntitlements,
+                    request_deserializer=entitlements_dot_v1_dot_entitlements__pb2.WatchEntitlementsRequest.FromString,
+                    response_serializer=entitlements_dot_v1_dot_entitlements__pb2.EntitlementEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -706,6 +723,33 @@ class EntitlementService:
             '/entitlements.v1.EntitlementService/GetCharge',
             entitlements_dot_v1_dot_entitlements__pb2.GetChargeRequest.SerializeToString,
             entitlements_dot_v1_dot_entitlements__pb2.GetChargeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEntitlements(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/entitlements.v1.EntitlementService/WatchEntitlements',
+            entitlements_dot_v1_dot_entitlements__pb2.WatchEntitlementsRequest.SerializeToString,
+            entitlements_dot_v1_dot_entitlements__pb2.EntitlementEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,8 @@ class EntitlementServiceStub:
     """CreateCharge charges a subscription on demand, never twice for one idempotency key."""
     GetCharge: _grpc.UnaryUnaryMultiCallable[_entitlements_pb2.GetChargeRequest, _entitlements_pb2.GetChargeResponse]
     """GetCharge reads a charge by id or by the idempotency key that created it."""
+    WatchEntitlements: _grpc.UnaryStreamMultiCallable[_entitlements_pb2.WatchEntitlementsRequest, _entitlements_pb2.EntitlementEvent]
+    """WatchEntitlements streams every entitlement change after a cursor, in commit order, then follows live."""
 
 @_typing.type_check_only
 class EntitlementServiceAsyncStub(EntitlementServiceStub):
@@ -103,6 +105,8 @@ class EntitlementServiceAsyncStub(EntitlementServiceStub):
     """CreateCharge charges a subscription on demand, never twice for one idempotency key."""
     GetCharge: _aio.UnaryUnaryMultiCallable[_entitlements_pb2.GetChargeRequest, _entitlements_pb2.GetChargeResponse]  # type: ignore[assignment]
     """GetCharge reads a charge by id or by the idempotency key that created it."""
+    WatchEntitlements: _aio.UnaryStreamMultiCallable[_entitlements_pb2.WatchEntitlementsRequest, _entitlements_pb2.EntitlementEvent]  # type: ignore[assignment]
+    """WatchEntitlements streams every entitlement change after a cursor, in commit order, then follows live."""
 
 class EntitlementServiceServicer(metaclass=_abc_1.ABCMeta):
     """EntitlementService answers access questions, exposes subscription state, changes plans and meters credits."""
@@ -226,5 +230,13 @@ class EntitlementServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_entitlements_pb2.GetChargeResponse, _abc.Awaitable[_entitlements_pb2.GetChargeResponse]]:
         """GetCharge reads a charge by id or by the idempotency key that created it."""
+
+    @_abc_1.abstractmethod
+    def WatchEntitlements(
+        self,
+        request: _entitlements_pb2.WatchEntitlementsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_entitlements_pb2.EntitlementEvent], _abc.AsyncIterator[_entitlements_pb2.EntitlementEvent]]:
+        """WatchEntitlements streams every entitlement change after a cursor, in commit order, then follows live."""
 
 def add_EntitlementServiceServicer_to_server(servicer: EntitlementServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
