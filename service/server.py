@@ -41,6 +41,8 @@ from service.app.subscription_lifecycle import SubscriptionLifecycle
 from service.app.subscription_mutations import SubscriptionMutations
 from service.app.usage import Usage
 from service.app.usage_sender import UsageSender
+from service.app.watch_hub import WatchHub
+from service.app.watch_log import WatchLog
 from service.app.webhook_ingest import WebhookIngest
 from service.domain.catalog import Catalog, load_catalog
 from service.domain.clock import Clock, utc_now
@@ -77,6 +79,8 @@ class Running:
     catalog: Catalog
     tasks: BackgroundTasks
     credit_service: CreditService
+    watch_log: WatchLog
+    watch_hub: WatchHub
     _stack: contextlib.AsyncExitStack
     _grace: list[float]
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -134,6 +138,22 @@ async def start(
         cache.start(tasks)
         changes = ChangeFeed(db, cache)
         changes.start(tasks)
+        watch_hub = WatchHub(
+            db,
+            buffer=settings.watch_buffer_events,
+            heartbeat=settings.watch_heartbeat_seconds,
+            max_streams=settings.watch_max_streams,
+        )
+        watch_hub.start(tasks)
+        watch_log = WatchLog(
+            db,
+            catalog,
+            clock,
+            retention=timedelta(hours=settings.watch_retention_hours),
+            on_appended=watch_hub.appended,
+        )
+        changes.after_commit(watch_log.wake)
+        watch_log.start(tasks)
         customers = Customers(db, cache, changes)
         reader = EntitlementReader(db, catalog, clock, cache, customers)
         credit_service = CreditService(
@@ -191,6 +211,7 @@ async def start(
             listing=listing,
             usage=usage,
             charges=charges,
+            watch=watch_hub,
         )
         if settings.reconcile_interval_seconds > 0:
             loop = reconcile_forever(
@@ -240,6 +261,8 @@ async def start(
         grpc_port = _listen_grpc(server, settings)
         await server.start()
         stack.push_async_callback(lambda: server.stop(grace[0]))
+        # Before the server's stop waits for its calls: open watch streams end at once (UNAVAILABLE, resumable).
+        stack.callback(watch_hub.stop)
 
         async def report(ready: bool) -> None:
             # gRPC health follows readiness: NOT_SERVING while Postgres is away or the schema is wrong.
@@ -267,6 +290,8 @@ async def start(
             catalog=catalog,
             tasks=tasks,
             credit_service=credit_service,
+            watch_log=watch_log,
+            watch_hub=watch_hub,
             _stack=stack.pop_all(),
             _grace=grace,
         )

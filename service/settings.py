@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     stale_grace_seconds: float = Field(300.0, alias="ENTITLEMENTS_STALE_GRACE_SECONDS", ge=0)
     credit_writers: int = Field(1, alias="ENTITLEMENTS_CREDIT_WRITERS", ge=1)
     cache_max_customers: int = Field(200_000, alias="ENTITLEMENTS_CACHE_MAX_CUSTOMERS", ge=0)
+    # WatchEntitlements (DESIGN §13): how long events are kept (an older cursor is CURSOR_EXPIRED), the idle
+    # heartbeat, how far one stream may fall behind before it is cut off (events), and streams per process.
+    watch_retention_hours: float = Field(168.0, alias="ENTITLEMENTS_WATCH_RETENTION_HOURS", gt=0)
+    watch_heartbeat_seconds: float = Field(15.0, alias="ENTITLEMENTS_WATCH_HEARTBEAT_SECONDS", gt=0)
+    watch_buffer_events: int = Field(10_000, alias="ENTITLEMENTS_WATCH_BUFFER_EVENTS", ge=1)
+    watch_max_streams: int = Field(1000, alias="ENTITLEMENTS_WATCH_MAX_STREAMS", ge=1)
     shutdown_grace_seconds: float = Field(10.0, alias="ENTITLEMENTS_SHUTDOWN_GRACE_SECONDS", ge=0)
     dodo_timeout_seconds: float = Field(15.0, alias="ENTITLEMENTS_DODO_TIMEOUT_SECONDS", gt=0)
     reconcile_interval_seconds: float = Field(0.0, alias="ENTITLEMENTS_RECONCILE_INTERVAL_SECONDS", ge=0)

@@ -159,6 +159,8 @@ class CreditLedgerEntry(Base):
             postgresql_where=text("dodo_entry_id IS NOT NULL"),
         ),
         Index("ix_credit_ledger_account", "customer_id", "credit", "id"),
+        # The newest grant of an account, for a low-balance threshold given as a share of it.
+        Index("ix_credit_ledger_grants", "customer_id", "credit", "id", postgresql_where=text("amount > 0")),
     )
 
 
@@ -327,3 +329,60 @@ class EntitlementChange(Base):
     # all | credits | ref (a customer_ref's link changed; customer_id holds the ref) (storage/repositories/changes.py)
     scope: Mapped[str] = mapped_column(Text, default="all", server_default="all")
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class WatchPending(Base):
+    """A change not yet placed in the watch log. Written by triggers on subscriptions, credit_balances and
+    customer_refs in the changing transaction itself (storage/migrations/versions/0009_watch_log.py); the sequencer
+    (service/app/watch_log.py) moves committed rows into watch_events in commit order."""
+
+    __tablename__ = "watch_pending"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    # subscription | credit | link
+    subject: Mapped[str] = mapped_column(Text)
+    customer_id: Mapped[str] = mapped_column(Text)
+    subscription_id: Mapped[str | None] = mapped_column(Text)
+    credit: Mapped[str | None] = mapped_column(Text)
+    customer_ref: Mapped[str | None] = mapped_column(Text)
+    old_balance: Mapped[Decimal | None] = mapped_column(Numeric)
+    new_balance: Mapped[Decimal | None] = mapped_column(Numeric)
+    old_state: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    new_state: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    occurred_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("clock_timestamp()"))
+
+
+class WatchEvent(Base):
+    """The watch log: every entitlement change, numbered gaplessly in commit order (WatchEntitlements)."""
+
+    __tablename__ = "watch_events"
+    __table_args__ = (
+        Index("ix_watch_events_customer", "customer_id", "position"),
+        Index("ix_watch_events_sequenced_at", "sequenced_at"),
+    )
+
+    position: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    customer_id: Mapped[str] = mapped_column(Text)
+    customer_ref: Mapped[str | None] = mapped_column(Text)
+    # SUBSCRIPTION_CHANGED | ACCESS_CHANGED | CREDITS_CHANGED | CREDITS_LOW | CREDITS_EXHAUSTED | CUSTOMER_LINKED
+    kind: Mapped[str] = mapped_column(Text)
+    subscription: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    credit: Mapped[str | None] = mapped_column(Text)
+    balance: Mapped[Decimal | None] = mapped_column(Numeric)
+    threshold: Mapped[Decimal | None] = mapped_column(Numeric)
+    occurred_at: Mapped[datetime] = mapped_column(Timestamp)
+    sequenced_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class WatchHead(Base):
+    """One row: the last position given out, the lock that serializes the sequencers of every replica, how far
+    the log has been pruned and how far time-driven changes have been emitted."""
+
+    __tablename__ = "watch_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    # Names this log: a cursor from another database (or a reset one) is refused rather than misread.
+    epoch: Mapped[str] = mapped_column(Text)
+    position: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    pruned_through: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    clock_through: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())

@@ -26,10 +26,11 @@ from tests.support import (
     API_TOKEN,
     DODO_API_KEY,
     LOCAL_SERVER,
+    RESET_WATCH_HEAD,
     TABLES,
-    BearerToken,
     FakeClock,
     WebhookPoster,
+    bearer,
     make_settings,
 )
 
@@ -96,6 +97,7 @@ async def db(database_url: str) -> AsyncIterator[Database]:
     database = Database.from_url(database_url, pool_size=10)
     async with database.engine.begin() as connection:
         await connection.exec_driver_sql(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+        await connection.exec_driver_sql(RESET_WATCH_HEAD)
     yield database
     await database.close()
 
@@ -131,9 +133,7 @@ async def service(
 
 @pytest.fixture
 async def channel(service: Running) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(
-        f"127.0.0.1:{service.grpc_port}", interceptors=[BearerToken(API_TOKEN)]
-    ) as channel:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}", interceptors=bearer(API_TOKEN)) as channel:
         yield channel
 
 

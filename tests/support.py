@@ -244,7 +244,10 @@ async def stored_account(db: Database, customer_id: str, credit: str) -> StoredA
 
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
-TABLES = ", ".join(table.name for table in Base.metadata.sorted_tables)
+# Every table but the watch log's one-row head, which is reset instead (RESET_WATCH_HEAD).
+TABLES = ", ".join(table.name for table in Base.metadata.sorted_tables if table.name != "watch_head")
+# Time-driven events are emitted from clock_through on: far back, so a test's clock (any date) is after it.
+RESET_WATCH_HEAD = "UPDATE watch_head SET position = 0, pruned_through = 0, clock_through = '2000-01-01T00:00:00Z'"
 
 
 def make_settings(database_url: str, **overrides: str) -> Settings:
@@ -265,6 +268,18 @@ def make_settings(database_url: str, **overrides: str) -> Settings:
 DODO_API_KEY = "test_dodo_key"
 
 
+def _with_token(
+    metadata: tuple[tuple[str, str], ...], details: grpc.aio.ClientCallDetails
+) -> grpc.aio.ClientCallDetails:
+    return grpc.aio.ClientCallDetails(
+        details.method,
+        details.timeout,
+        grpc.aio.Metadata(*(tuple(details.metadata or ()) + metadata)),
+        details.credentials,
+        details.wait_for_ready,
+    )
+
+
 class BearerToken(grpc.aio.UnaryUnaryClientInterceptor):
     """Attach the test API token to every unary call, as a calling service would."""
 
@@ -277,15 +292,27 @@ class BearerToken(grpc.aio.UnaryUnaryClientInterceptor):
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        metadata = tuple(client_call_details.metadata or ()) + self.metadata
-        details = grpc.aio.ClientCallDetails(
-            client_call_details.method,
-            client_call_details.timeout,
-            grpc.aio.Metadata(*metadata),
-            client_call_details.credentials,
-            client_call_details.wait_for_ready,
-        )
-        return await continuation(details, request)
+        return await continuation(_with_token(self.metadata, client_call_details), request)
+
+
+class BearerTokenStreams(grpc.aio.UnaryStreamClientInterceptor):
+    """The same for server streams (grpc.aio takes one interceptor object per kind of call)."""
+
+    def __init__(self, token: str) -> None:
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    async def intercept_unary_stream(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        return await continuation(_with_token(self.metadata, client_call_details), request)
+
+
+def bearer(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors that present `token` on unary calls and server streams alike."""
+    return [BearerToken(token), BearerTokenStreams(token)]
 
 
 _DATE_FIELDS = ("created_at", "previous_billing_date", "next_billing_date", "cancelled_at", "expires_at")

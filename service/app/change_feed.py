@@ -10,10 +10,10 @@ process that died between its commit and its publish).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections.abc import Callable
 
-from service.app.background import BackgroundTasks
+from service.app.background import BackgroundTasks, wait_for_event
 from service.app.entitlement_cache import EntitlementCache
 from storage.engine import Database
 from storage.errors import is_database_unavailable
@@ -30,6 +30,11 @@ class ChangeFeed:
         self.cache = cache
         self.sweep_interval = sweep_interval
         self._wake = asyncio.Event()
+        self._after_commit: list[Callable[[], None]] = []
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Call `callback` after every local commit of a change (the watch log's sequencer wakes on it)."""
+        self._after_commit.append(callback)
 
     def committed(self, *customer_ids: str, balances_only: bool = False) -> None:
         if self.cache is not None:
@@ -37,6 +42,8 @@ class ChangeFeed:
                 self.cache.invalidate(customer_id, balances_only=balances_only)
         if customer_ids:
             self._wake.set()
+            for callback in self._after_commit:
+                callback()
 
     def refs_changed(self, *customer_refs: str) -> None:
         """A link of these refs committed: forget their resolution here at once, and have the notices sent."""
@@ -45,6 +52,8 @@ class ChangeFeed:
                 self.cache.invalidate_ref(customer_ref)
         if customer_refs:
             self._wake.set()
+            for callback in self._after_commit:
+                callback()
 
     def start(self, tasks: BackgroundTasks) -> None:
         tasks.spawn("entitlement-change-publisher", self._run())
@@ -61,8 +70,7 @@ class ChangeFeed:
 
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.sweep_interval)
+            await wait_for_event(self._wake, self.sweep_interval)
             self._wake.clear()
             try:
                 await self.publish()

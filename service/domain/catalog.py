@@ -13,6 +13,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, cast
 
+from service.domain.decimals import MATH, decimal_text
 from service.domain.errors import ConfigurationError
 from service.domain.values import FeatureKind
 
@@ -32,6 +33,26 @@ class CreditDef:
     rollover: bool = False
     # Each consumption is also recorded as a usage event of this name (for a Dodo meter), amount as `amount`.
     dodo_meter_event: str | None = None
+    # CREDITS_LOW fires when the balance falls to or below this: a fixed amount, or (percent) a share of the
+    # account's last grant. None: never.
+    low_balance: LowBalanceThreshold | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LowBalanceThreshold:
+    amount: Decimal
+    percent_of_last_grant: bool = False
+
+    def resolve(self, last_grant: Decimal | None) -> Decimal | None:
+        """The threshold in credits; None when it is a share of a grant and there has been no grant."""
+        if not self.percent_of_last_grant:
+            return self.amount
+        if last_grant is None:
+            return None
+        return MATH.divide(MATH.multiply(last_grant, self.amount), Decimal(100))
+
+    def text(self) -> str:
+        return f"{decimal_text(self.amount)}%" if self.percent_of_last_grant else decimal_text(self.amount)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +133,16 @@ def parse_catalog(raw: Mapping[str, Any], *, source: str = "<memory>") -> Catalo
         where = f"credits.{key}"
         body = p.table(body, where)
         p.only(
-            body, where, {"dodo_credit_entitlement_id", "overage_limit", "rollover", "on_outage", "dodo_meter_event"}
+            body,
+            where,
+            {
+                "dodo_credit_entitlement_id",
+                "overage_limit",
+                "rollover",
+                "on_outage",
+                "dodo_meter_event",
+                "low_balance_threshold",
+            },
         )
         meter = body.get("dodo_meter_event")
         if meter is not None and (not isinstance(meter, str) or not meter.strip() or len(meter) > 255):
@@ -126,7 +156,15 @@ def parse_catalog(raw: Mapping[str, Any], *, source: str = "<memory>") -> Catalo
         rollover = body.get("rollover", False)
         if not isinstance(rollover, bool):
             p.fail(f"{where}.rollover", "must be true or false")
-        credits[key] = CreditDef(key, linked, overage, rollover, meter)
+        low = body.get("low_balance_threshold")
+        credits[key] = CreditDef(
+            key,
+            linked,
+            overage,
+            rollover,
+            meter,
+            None if low is None else p.threshold(low, f"{where}.low_balance_threshold"),
+        )
     mirrored_by: dict[str, str] = {}
     for key, credit in credits.items():
         entitlement = credit.dodo_credit_entitlement_id
@@ -234,6 +272,15 @@ class _Parser:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             self.fail(where, "must be a whole number of days, 0 or more")
         return int(value)
+
+    def threshold(self, value: Any, where: str) -> LowBalanceThreshold:
+        """A decimal string ("500") or a percentage of the last grant ("10%", more than 0, at most 100)."""
+        if isinstance(value, str) and value.endswith("%"):
+            share = self.decimal(value[:-1], where, allow_zero=False)
+            if share > 100:
+                self.fail(where, f"a percentage must be at most 100%, got {value!r}")
+            return LowBalanceThreshold(share, percent_of_last_grant=True)
+        return LowBalanceThreshold(self.decimal(value, where, allow_zero=True))
 
     def decimal(self, value: Any, where: str, *, allow_zero: bool) -> Decimal:
         if isinstance(value, bool) or not isinstance(value, str | int):

@@ -308,3 +308,25 @@ class DodoMisconfigured(Internal):
         super().__init__("the request could not be made: the service is misconfigured")
         self.detail = detail
         self.status = status
+
+
+# --- the watch stream ------------------------------------------------------------------------------------------
+
+
+class CursorExpired(FailedPrecondition):
+    """The events after this cursor are past retention (ENTITLEMENTS_WATCH_RETENTION_HOURS): start afresh."""
+
+    reason = "CURSOR_EXPIRED"
+
+
+class WatchSubscriberTooSlow(ResourceExhausted):
+    """The stream's buffer filled because its reader fell behind; resume from `cursor` (ErrorInfo metadata)."""
+
+    reason = "WATCH_SUBSCRIBER_TOO_SLOW"
+
+    def __init__(self, cursor: str, buffered: int) -> None:
+        super().__init__(
+            f"the stream fell {buffered} events behind; resume from the cursor in ErrorInfo metadata",
+            metadata={"cursor": cursor},
+        )
+        self.cursor = cursor

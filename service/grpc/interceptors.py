@@ -73,6 +73,7 @@ _METHOD_SCOPES = {
     "ListCreditLedger": Scope.CHECK,
     "ListPlans": Scope.CHECK,
     "GetUsage": Scope.CHECK,
+    "WatchEntitlements": Scope.CHECK,
     "ConsumeCredits": Scope.CONSUME,
     "RecordUsage": Scope.CONSUME,
     "CreateCharge": Scope.BILLING,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
@@ -20,8 +21,10 @@ from service.app.plan_listing import PlanListing
 from service.app.portal_sessions import PortalSessions
 from service.app.subscription_lifecycle import SubscriptionLifecycle
 from service.app.usage import Usage
+from service.app.watch_hub import WatchHub
 from service.grpc import conversion as convert
 from service.grpc.interceptors import current_caller
+from service.grpc.watch_stream import WatchStream
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -40,15 +43,17 @@ class UseCases:
     listing: PlanListing
     usage: Usage
     charges: Charges
+    watch: WatchHub
 
 
 class EntitlementServicer(pb_grpc.EntitlementServiceServicer):
     def __init__(self, use: UseCases) -> None:
         self.use = use
+        self._watch = WatchStream(use.watch, use.reader)
 
     async def CheckAccess(self, request: pb.CheckAccessRequest, context: Context) -> pb.CheckAccessResponse:
         decision = await self.use.reader.check_access(request.customer_id, request.feature, request.customer_ref)
-        return convert.check_access_response(decision)
+        return convert.check_access_response(decision, request.customer_id)
 
     async def GetSubscription(self, request: pb.GetSubscriptionRequest, context: Context) -> pb.GetSubscriptionResponse:
         view = await self.use.reader.get_subscription(
@@ -136,3 +141,9 @@ class EntitlementServicer(pb_grpc.EntitlementServiceServicer):
             caller=current_caller(), charge_id=request.charge_id, idempotency_key=request.idempotency_key
         )
         return pb.GetChargeResponse(charge=convert.charge(found))
+
+    async def WatchEntitlements(
+        self, request: pb.WatchEntitlementsRequest, context: Context
+    ) -> AsyncIterator[pb.EntitlementEvent]:
+        async for event in self._watch.serve(request, context):
+            yield event

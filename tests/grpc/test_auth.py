@@ -234,6 +234,7 @@ def test_every_rpc_maps_to_the_scope_of_design_14_and_an_unknown_method_needs_bi
         "GetUsage": Scope.CHECK,
         "CreateCharge": Scope.BILLING,
         "GetCharge": Scope.BILLING,
+        "WatchEntitlements": Scope.CHECK,
     }
     contract = {method.name for method in pb.DESCRIPTOR.services_by_name["EntitlementService"].methods}
 

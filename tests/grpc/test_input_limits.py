@@ -320,3 +320,39 @@ async def test_bytes_that_are_not_the_request_message_are_invalid_argument_witho
             await raw(body)
         assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
         assert "Error" not in (refused.value.details() or "")
+
+
+async def test_fuzzed_watch_requests_open_a_stream_or_are_invalid_argument(stub: Stub) -> None:
+    """WatchEntitlements is a stream: each fuzzed request either opens (its first message is the caught-up
+    heartbeat) or ends at once with INVALID_ARGUMENT naming the field; never UNKNOWN or INTERNAL."""
+    requests = drawn(
+        st.builds(
+            pb.WatchEntitlementsRequest,
+            customer_ids=st.lists(_TEXT, max_size=5),
+            after_cursor=st.one_of(_TEXT, st.just("")),
+        ),
+        EXAMPLES_PER_WAVE_2_RPC,
+    )
+    codes: set[grpc.StatusCode] = set()
+
+    async def one(request: pb.WatchEntitlementsRequest) -> None:
+        call = stub.WatchEntitlements(request, timeout=10)
+        refused: grpc.aio.AioRpcError | None = None
+        try:
+            first = await call.read()
+            assert isinstance(first, pb.EntitlementEvent), first
+            assert first.kind == pb.ENTITLEMENT_EVENT_KIND_HEARTBEAT, first
+            codes.add(grpc.StatusCode.OK)
+        except grpc.aio.AioRpcError as error:
+            refused = error
+        finally:
+            call.cancel()
+        if refused is not None:
+            codes.add(refused.code())
+            assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT, (request, refused.details())
+            assert error_info(refused).metadata["field"] in ("customer_ids", "after_cursor")
+            assert len(refused.details() or "") <= MAX_MESSAGE
+
+    for start in range(0, len(requests), 50):
+        await asyncio.gather(*(one(r) for r in requests[start : start + 50]))
+    assert codes == {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
