@@ -21,14 +21,16 @@ import asyncpg
 import grpc
 import uvloop
 from entitlements.v1 import entitlements_pb2 as pb
+from entitlements_client import EntitlementsClient
 
 from service.domain.catalog import EXAMPLE_CATALOG
 from storage.migrate import upgrade
-from tests.bench import h2load, rawsql, seed
+from tests.bench import h2load, rawsql, seed, watch
 from tests.bench.common import (
     AUTH_HEADER,
     AUTH_METADATA,
     BENCH_CALLERS,
+    BENCH_TOKEN,
     CHECK_ACCESS,
     CONSUME_CREDITS,
     CREDIT,
@@ -55,6 +57,7 @@ from tests.bench.procs import (
     wait_log_line,
 )
 from tests.bench.report import Case, Side, table, write_json
+from tests.clients.local_check_timing import time_local_checks
 
 CASES = (
     "check_hot",
@@ -65,6 +68,8 @@ CASES = (
     "rss",
     "record_usage_batched",
     "record_usage_single",
+    "watch_fanout",
+    "local_check",
 )
 # CheckAccess targets are ratios to the bare identity echo (issue 14): the framework's own ceiling.
 CHECK_HOT_TARGET, CHECK_HOT_P99 = 0.85, 1.5
@@ -76,6 +81,8 @@ RSS_TARGET_MB = 300.0
 # RecordUsage (issue 14): durable events per second with 100 events a call; one event a call is for information.
 USAGE_BATCHED_TARGET = 20_000.0
 USAGE_BATCH = 100
+# WatchEntitlements (issue 13): 100 streams of every change while 1,000 changes/s are committed; p99 lag is the figure.
+WATCH_SUBSCRIBERS, WATCH_RATE, WATCH_SECONDS = 100, 1000.0, 10.0
 # Prepared webhook events per second of load: above any rate the receiver (or aiohttp's echo) reaches here.
 WEBHOOK_EVENTS_PER_SECOND = 10_000
 # Cores used by processes outside the bench above which a row is flagged as skewed.
@@ -805,6 +812,48 @@ class Bench:
         self._record(case)
         say(f"  {name}: {events_per_second:.0f} events/s, {accepted} accepted, {added} rows added to usage_events")
 
+    async def watch_fanout(self) -> None:
+        result = await watch.fan_out(
+            f"127.0.0.1:{self._ports.service_grpc}",
+            BENCH_TOKEN,
+            self.url,
+            subscribers=WATCH_SUBSCRIBERS,
+            rate=WATCH_RATE,
+            seconds=WATCH_SECONDS,
+            work_dir=self.log_dir,
+        )
+        load = LoadResult(requests_per_second=result.deliveries / WATCH_SECONDS, ok=result.deliveries)
+        case = Case("WatchEntitlements fan-out", "tests/bench/watch.py", WATCH_SUBSCRIBERS, Side("service", load))
+        case.target = "every change to every stream; report p99 change-to-delivery lag"
+        delivered = result.deliveries / result.expected if result.expected else 0.0
+        case.passed = result.expected > 0 and result.deliveries == result.expected and result.cut_off == 0
+        case.why = (
+            f"{result.changes} changes x {WATCH_SUBSCRIBERS} streams: {delivered:.1%} delivered, lag p50 "
+            f"{_ms(result.p50_ms)} p99 {_ms(result.p99_ms)} max {_ms(result.max_ms)}, {result.cut_off} streams cut off"
+        )
+        case.extra = result.as_json()
+        self.cases.append(case)
+        say(f"  {case.why}")
+
+    async def local_check(self) -> None:
+        target = f"127.0.0.1:{self._ports.service_grpc}"
+        async with EntitlementsClient(target, token=BENCH_TOKEN) as client:
+            local = client.local()
+            await local.start()
+            try:
+                await local.wait_live(timeout=10)
+                cost = await time_local_checks(local, customer_id(HOT_CHECK_CUSTOMER), FEATURE, calls=200_000)
+            finally:
+                await local.close()
+        load = LoadResult(requests_per_second=1e9 / cost.mean_ns if cost.mean_ns else 0.0, ok=cost.calls)
+        case = Case("CheckAccess local cache", "tests/clients/local_check_timing.py", 1, Side("client", load))
+        case.target = "p50 per call in the caller (information)"
+        case.passed = cost.hits == cost.calls
+        case.why = f"p50 {cost.p50_ns / 1000:.2f} µs, p99 {cost.p99_ns / 1000:.2f} µs per call, {cost.hits} hits"
+        case.extra = {"p50_ns": cost.p50_ns, "p99_ns": cost.p99_ns, "mean_ns": cost.mean_ns, "hits": cost.hits}
+        self.cases.append(case)
+        say(f"  {case.why}")
+
     async def _usage_count(self) -> int:
         connection = await asyncpg.connect(self.url)
         try:
@@ -836,6 +885,12 @@ class Bench:
                 f"{self.options.in_flight}",
             ),
             ("record_usage_single", f"RecordUsage, 1 event a call, random customers, at {self.options.in_flight}"),
+            (
+                "watch_fanout",
+                f"WatchEntitlements, {WATCH_SUBSCRIBERS} streams, {WATCH_RATE:.0f} committed changes/s "
+                f"for {WATCH_SECONDS:.0f} s",
+            ),
+            ("local_check", "client.local(): CheckAccess answered in the caller's process"),
         ]
         for stage, title in stages:
             wanted = ("rss" in selected or "check_random" in selected) if stage == "walk" else stage in selected
@@ -856,12 +911,20 @@ class Bench:
                 await self.record_usage("RecordUsage batched", USAGE_BATCH, "b", USAGE_BATCHED_TARGET)
             elif stage == "record_usage_single":
                 await self.record_usage("RecordUsage single", 1, "s", None)
+            elif stage == "watch_fanout":
+                await self.watch_fanout()
+            elif stage == "local_check":
+                await self.local_check()
             else:
                 await self.webhooks()
             self.check_alive(title)
         memory = memory_kib(self.service.pid)
         self.setup["service_rss_mb_at_end"] = round(memory.get("VmRSS", 0) / 1024, 1)
         self.setup["service_peak_rss_mb"] = round(memory.get("VmHWM", 0) / 1024, 1)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
 
 
 IDLE_BELOW = 0.15

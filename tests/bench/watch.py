@@ -1,0 +1,251 @@
+"""WatchEntitlements benchmarks (issue 13): fan-out lag and the caller-side cache's check cost.
+
+Fan-out: `subscribers` streams (every customer, from now) spread over subscriber processes, while a producer commits
+`rate` balance changes a second straight into Postgres (the triggers log them like any write; the path that writes
+is not what is measured here). Each change carries its sequence number as the balance; the producer notes when
+each commit returned, each stream when the event arrived, and the lag is the difference (one wall clock, one
+machine). Reported: deliveries, p50/p99/max lag, and streams cut off as too slow.
+
+Local check: `client.local()` of the Python client, the per-call cost of a CheckAccess answered in-process
+(tests/clients/local_check_timing.py), p50 and p99.
+
+Run alone against a running service: `python -m tests.bench.watch fanout --target HOST:PORT --token T --database-url
+URL`; the harness (tests/bench/harness.py, `make bench`) runs both as rows of its table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import grpc
+from entitlements.v1 import entitlements_pb2 as pb
+from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
+
+CREDIT = "ai_tokens"
+ACCOUNTS = 100
+HEARTBEAT = pb.ENTITLEMENT_EVENT_KIND_HEARTBEAT
+CHANGED = pb.ENTITLEMENT_EVENT_KIND_CREDITS_CHANGED
+
+
+@dataclass
+class FanOut:
+    subscribers: int
+    rate: float
+    seconds: float
+    changes: int
+    deliveries: int
+    expected: int
+    p50_ms: float | None
+    p99_ms: float | None
+    max_ms: float | None
+    cut_off: int
+
+    def as_json(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def _percentile(ordered: list[float], share: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(len(ordered) * share))]
+
+
+# --- a subscriber process --------------------------------------------------------------------------------------
+
+
+async def _subscribe(target: str, token: str, streams: int) -> dict[str, object]:
+    """Open `streams` streams, say "ready" once each has caught up, record arrivals until a line on stdin."""
+    metadata = (("authorization", f"Bearer {token}"),)
+    received: list[list[tuple[int, float]]] = [[] for _ in range(streams)]
+    cut = 0
+    ready = 0
+    all_ready = asyncio.Event()
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.EntitlementServiceStub(channel)
+
+        async def one(index: int) -> None:
+            nonlocal cut, ready
+            call = stub.WatchEntitlements(pb.WatchEntitlementsRequest(), metadata=metadata)
+            got = received[index]
+            first = True
+            try:
+                async for event in call:
+                    now = time.time()
+                    if first:
+                        first = False
+                        ready += 1
+                        if ready == streams:
+                            all_ready.set()
+                    if event.kind == CHANGED and event.customer_id.startswith("watchb_"):
+                        got.append((int(event.balance), now))
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    cut += 1
+            except asyncio.CancelledError:
+                pass
+
+        tasks = [asyncio.create_task(one(i)) for i in range(streams)]
+        await asyncio.wait_for(all_ready.wait(), timeout=30)
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return {"received": received, "cut": cut}
+
+
+# --- the producer and the whole run ------------------------------------------------------------------------------
+
+
+async def _produce(url: str, rate: float, seconds: float) -> dict[int, float]:
+    connection = await asyncpg.connect(url)
+    committed: dict[int, float] = {}
+    try:
+        await connection.execute(
+            "INSERT INTO credit_balances (customer_id, credit, balance) "
+            "SELECT 'watchb_' || n, $1, 0 FROM generate_series(0, $2 - 1) AS n "
+            "ON CONFLICT (customer_id, credit) DO UPDATE SET balance = 0",
+            CREDIT,
+            ACCOUNTS,
+        )
+        base = int(await connection.fetchval("SELECT coalesce(max(balance), 0) FROM credit_balances") or 0) + 1
+        tick = 0.01
+        per_tick = max(1, round(rate * tick))
+        seq = base
+        started = time.perf_counter()
+        ticks = int(seconds / tick)
+        for index in range(ticks):
+            numbers = list(range(seq, seq + per_tick))
+            seq += per_tick
+            await connection.execute(
+                "UPDATE credit_balances AS b SET balance = v.n FROM unnest($1::text[], $2::bigint[]) AS v(c, n) "
+                "WHERE b.customer_id = v.c AND b.credit = $3",
+                [f"watchb_{n % ACCOUNTS}" for n in numbers],
+                numbers,
+                CREDIT,
+            )
+            now = time.time()
+            for number in numbers:
+                committed[number] = now
+            delay = started + (index + 1) * tick - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+    finally:
+        await connection.close()
+    return committed
+
+
+async def fan_out(
+    target: str,
+    token: str,
+    url: str,
+    *,
+    subscribers: int = 100,
+    rate: float = 1000.0,
+    seconds: float = 10.0,
+    processes: int = 2,
+    work_dir: Path,
+) -> FanOut:
+    """Run the fan-out case against a running service; see the module doc."""
+    per = [subscribers // processes + (1 if i < subscribers % processes else 0) for i in range(processes)]
+    outs = [work_dir / f"watch-subscriber-{i}.json" for i in range(processes)]
+    command = [sys.executable, "-m", "tests.bench.watch", "subscribe", "--target", target, "--token", token]
+    procs = [
+        subprocess.Popen(  # noqa: ASYNC220 (started once, before anything is measured)
+            [*command, "--streams", str(count), "--out", str(out)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for count, out in zip(per, outs, strict=True)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            line = await asyncio.to_thread(proc.stdout.readline)
+            if line.strip() != "ready":
+                raise RuntimeError(f"a subscriber process did not get ready: {line!r}")
+        committed = await _produce(url, rate, seconds)
+        await asyncio.sleep(3.0)  # the last events arrive
+    finally:
+        for proc in procs:
+            if proc.stdin is not None and proc.poll() is None:
+                proc.stdin.write("stop\n")
+                proc.stdin.flush()
+        for proc in procs:
+            await asyncio.to_thread(proc.wait, 60)
+    lags: list[float] = []
+    deliveries = 0
+    cut = 0
+    for out in outs:
+        if not out.exists():
+            continue
+        data = json.loads(out.read_text())
+        cut += int(data["cut"])
+        for stream in data["received"]:
+            for number, at in stream:
+                sent = committed.get(int(number))
+                if sent is not None:
+                    deliveries += 1
+                    lags.append((at - sent) * 1000)
+    lags.sort()
+    return FanOut(
+        subscribers=subscribers,
+        rate=rate,
+        seconds=seconds,
+        changes=len(committed),
+        deliveries=deliveries,
+        expected=len(committed) * subscribers,
+        p50_ms=_percentile(lags, 0.5),
+        p99_ms=_percentile(lags, 0.99),
+        max_ms=lags[-1] if lags else None,
+        cut_off=cut,
+    )
+
+
+def _main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("subscribe")
+    s.add_argument("--target", required=True)
+    s.add_argument("--token", required=True)
+    s.add_argument("--streams", type=int, required=True)
+    s.add_argument("--out", type=Path, required=True)
+    f = sub.add_parser("fanout")
+    f.add_argument("--target", required=True)
+    f.add_argument("--token", required=True)
+    f.add_argument("--database-url", required=True)
+    f.add_argument("--subscribers", type=int, default=100)
+    f.add_argument("--rate", type=float, default=1000.0)
+    f.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    if args.command == "subscribe":
+        args.out.write_text(json.dumps(asyncio.run(_subscribe(args.target, args.token, args.streams))))
+        return 0
+    result = asyncio.run(
+        fan_out(
+            args.target,
+            args.token,
+            args.database_url,
+            subscribers=args.subscribers,
+            rate=args.rate,
+            seconds=args.seconds,
+            work_dir=Path("."),
+        )
+    )
+    print(json.dumps(result.as_json(), indent=2))
+    print(" ".join(sys.argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
