@@ -1,20 +1,18 @@
-"""Where credits come from: a plan's per-period grant, and Dodo's credit ledger webhooks.
+"""Where credits come from besides a plan's per-period grant (applied with its subscription snapshot, in
+service/app/snapshots.py): Dodo's credit ledger webhooks.
 
-Both run inside the caller's transaction (a webhook delivery, a ChangePlan or a reconciliation), so a grant commits
-together with the event that caused it or not at all.
+It runs inside the caller's transaction (a webhook delivery), so a ledger entry commits together with the event
+that carried it or not at all.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from datetime import datetime
 
-from service.domain import access_rules as access
 from service.domain import credit_rules as credits
 from service.domain.catalog import Catalog
 from service.domain.dodo_payloads import DodoLedgerEntry
-from service.domain.values import AccessReason, LedgerEntry, SubscriptionState
 from storage.engine import Connection
 from storage.repositories.credit_mirror import ECHO_SLACK, MirrorRepository
 from storage.repositories.credits import CreditRepository
@@ -23,55 +21,6 @@ log = logging.getLogger("entitlements.credits")
 
 # The transaction types Dodo may give the echo of an API debit ("" when an entry names none).
 _API_DEBIT_TYPES = frozenset({"credit_deducted", "manual_adjustment", ""})
-
-
-def _grants_due(sub: SubscriptionState | None, catalog: Catalog, at: datetime) -> list[credits.PlanGrant]:
-    if sub is None:
-        return []
-    decision = access.decide(sub, catalog, at)
-    if not decision.allowed:
-        return []
-    return credits.plan_grants(sub, catalog, trialing=decision.reason is AccessReason.TRIALING)
-
-
-async def grant_for_period(
-    connection: Connection,
-    catalog: Catalog,
-    previous: SubscriptionState | None,
-    sub: SubscriptionState,
-    at: datetime,
-) -> list[LedgerEntry]:
-    """Grant the plan's credits for the subscription's current period, once, if it grants access at `at`.
-
-    Each (subscription, credit, period) is claimed in the database, so a grant happens once however often the
-    period's events are delivered; when the previous snapshot already called for the same grants, they were
-    claimed when it was applied, and the claim round trips are skipped.
-    """
-    due = _grants_due(sub, catalog, at)
-    if not due or due == _grants_due(previous, catalog, at):
-        return []
-    repository = CreditRepository(connection)
-    written: list[LedgerEntry] = []
-    for grant in due:
-        account = await repository.claim_period_grant(
-            subscription_id=sub.subscription_id,
-            credit=grant.credit,
-            period_start=grant.period_start,
-            customer_id=sub.customer_id,
-            amount=grant.amount,
-        )
-        if account is None:
-            continue
-        account, expired = credits.expire(account, at)
-        source = f"{sub.subscription_id}@{grant.period_start.isoformat()}"
-        account, entry = credits.credit(
-            account, grant.amount, grant_id=source, expires_at=grant.expires_at, source=source, kind="plan_grant"
-        )
-        await repository.save([account], [*expired, entry])
-        written.append(entry)
-    if written:
-        log.info("credits.granted", extra={"subscription_id": sub.subscription_id, "entries": len(written)})
-    return written
 
 
 async def apply_dodo_ledger_entry(connection: Connection, catalog: Catalog, entry: DodoLedgerEntry) -> str:

@@ -186,3 +186,22 @@ class PoolCollector(Collector):
         for budget, count in self._db.budgets.items():
             size.add_metric([budget.value], count)
         yield from (used, size)
+
+
+class WatchCollector(Collector):
+    """WatchEntitlements in this process (service/app/watch_hub.py), read when scraped."""
+
+    def __init__(self, figures: Callable[[], Mapping[str, int]]) -> None:
+        self._figures = figures
+
+    def collect(self) -> Iterator[Any]:
+        figures = self._figures()
+        streams = GaugeMetricFamily("entitlements_watch_streams", "open WatchEntitlements streams")
+        streams.add_metric([], figures["streams"])
+        position = GaugeMetricFamily("entitlements_watch_position", "the last watch log position read by this process")
+        position.add_metric([], figures["position"])
+        cut = CounterMetricFamily(
+            "entitlements_watch_streams_cut", "streams ended because their reader fell too far behind"
+        )
+        cut.add_metric([], figures["cut"])
+        yield from (streams, position, cut)

@@ -138,6 +138,9 @@ class WatchHub:
     def streams(self) -> int:
         return len(self._streams)
 
+    def figures(self) -> dict[str, int]:
+        return {"streams": len(self._streams), "position": max(self.position, 0), "cut": self.overflows}
+
     # --- one stream ------------------------------------------------------------------------------------------------
 
     async def watch(

@@ -124,9 +124,6 @@ def claim_args(claims: Sequence[PeriodClaim]) -> tuple[list[str], list[datetime]
     return [c.credit for c in claims], [c.period_start for c in claims], [c.amount for c in claims]
 
 
-_CLAIM = f"WITH {period_claims(3, subscription='$1', customer='$2')} SELECT * FROM claimed_account"
-
-
 def account_of(row: Any) -> Account:
     """An account from a row with customer_id, credit, balance and grants."""
     return _account(row)
@@ -300,16 +297,6 @@ class CreditRepository:
     async def has_dodo_entry(self, dodo_entry_id: str) -> bool:
         found = await self.connection.fetchval("SELECT 1 FROM credit_ledger WHERE dodo_entry_id = $1", dodo_entry_id)
         return found is not None
-
-    async def claim_period_grant(
-        self, *, subscription_id: str, credit: str, period_start: datetime, customer_id: str, amount: Decimal
-    ) -> Account | None:
-        """Claim the plan grant of one (subscription, credit, period) and lock its account, in one round trip.
-        None when it was claimed before: each period's grant is given once."""
-        row = await self.connection.fetchrow(
-            _CLAIM, subscription_id, customer_id, *claim_args([PeriodClaim(credit, period_start, amount)])
-        )
-        return None if row is None else _account(row)
 
     async def page(self, customer_id: str, credit: str, *, before_id: int | None, limit: int) -> list[StoredEntry]:
         """Newest first; `before_id` is the keyset cursor (exclusive)."""

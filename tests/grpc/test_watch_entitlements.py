@@ -576,3 +576,17 @@ async def test_period_end_and_grace_end_fire_when_the_clock_passes_them(
         )
     assert [row["occurred_at"] for row in instants] == [base + timedelta(hours=1), base + timedelta(days=3)]
     call.cancel()
+
+
+async def test_metrics_show_open_streams_and_the_position_read(
+    service: Running, stub: Stub, webhooks: WebhookPoster
+) -> None:
+    call, _ = await opened(stub)
+    await webhooks.send(load_event("subscription_active"))
+    await changes(call, 3)
+    async with webhooks.session.get(f"http://127.0.0.1:{service.http_port}/metrics") as response:
+        body = await response.text()
+    assert "entitlements_watch_streams 1.0" in body
+    assert "entitlements_watch_position 3.0" in body
+    assert "entitlements_watch_streams_cut_total 0.0" in body
+    call.cancel()
