@@ -1,5 +1,6 @@
-"""Cross-cutting gRPC concerns: callers and their scopes (bearer tokens), and mapping domain/infra errors to status
-codes once."""
+"""Cross-cutting gRPC concerns: callers and their scopes (bearer tokens, `CallerGate`), and mapping domain/infra
+errors to status codes once (`guard`). service/grpc/dispatch.py composes them per method at registration (the
+production path); `AuthInterceptor` and `ErrorInterceptor` are the same as server interceptors."""
 
 from __future__ import annotations
 
@@ -199,70 +200,52 @@ def _scope_missing(caller: str, method: str, scope: Scope) -> grpc.Status:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _Route:
-    """Everything one method needs per call, built at its first call: the handler it was built for, and the
-    handler to run for each caller (by the caller's position), with the unauthenticated one last. A caller with
-    the scope gets the method's own handler: nothing is wrapped around the calls that are let through."""
-
-    handler: grpc.RpcMethodHandler[Any, Any]
-    by_caller: tuple[grpc.RpcMethodHandler[Any, Any], ...]
+def is_public(method: str) -> bool:
+    """Whether a full method name is open to every call, token or not (health checks: load balancers carry none)."""
+    return method.startswith(_PUBLIC_PREFIXES)
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class CallerGate:
     """`authorization: Bearer <token>` names a caller; the caller needs the scope of the method it calls.
 
     A missing or unknown token is UNAUTHENTICATED; a known one without the scope is PERMISSION_DENIED with
-    ErrorInfo CALLER_SCOPE_MISSING. Health checks stay open; reflection takes any valid caller. The handler runs
-    with `current_caller()` set to the caller's name. Per call: one metadata scan, one constant-time comparison
-    per configured token, one tuple index, one context variable set; the handlers are built once per method.
+    ErrorInfo CALLER_SCOPE_MISSING. Reflection takes any valid caller (health is never gated: `is_public`). Per
+    method, `handlers` builds the handler to run for each caller once; per call, `select` does one metadata scan,
+    one constant-time comparison per configured token, one tuple index and one context variable set.
 
-    The caller's name is set here, not by a wrapper around the handler: grpc.aio runs the interceptors and then
-    the handler in the same task (one per RPC, with its own copy of the context), so what is set here is what
-    the handler reads, and it ends with the RPC. A wrapper would cost every call another coroutine.
+    The caller's name is set by `select`, not by a wrapper around the handler: grpc.aio looks the handler up (the
+    interceptors, then the generic handlers) and runs it in the same task (one per RPC, with its own copy of the
+    context), so what is set there is what the handler reads, and it ends with the RPC. A wrapper would cost every
+    call another coroutine.
     """
 
     def __init__(self, callers: Sequence[Caller]) -> None:
-        self._callers = tuple(callers)
-        self._tokens = tuple(caller.token for caller in self._callers)
-        self._names = tuple(caller.name for caller in self._callers)
-        self._routes: dict[str, _Route] = {}
+        self.callers = tuple(callers)
+        self._tokens = tuple(caller.token for caller in self.callers)
+        self._names = tuple(caller.name for caller in self.callers)
 
     @classmethod
-    def configured(cls, callers: str, api_tokens: Iterable[str]) -> tuple[AuthInterceptor, ...]:
-        """The interceptor for these settings, or none at all: without callers (development) auth is off, and an
-        interceptor would only cost time on every call. Raises ConfigurationError on a malformed entry."""
+    def configured(cls, callers: str, api_tokens: Iterable[str]) -> CallerGate | None:
+        """The gate for these settings, or None: without callers (development) auth is off, and checking would only
+        cost time on every call. Raises ConfigurationError on a malformed entry."""
         parsed = parse_callers(callers, api_tokens)
         if not parsed:
-            return ()
+            return None
         log.info(
             "grpc.auth_enabled",
             extra={"callers": ",".join(sorted({caller.name for caller in parsed})), "tokens": len(parsed)},
         )
-        return (cls(parsed),)
+        return cls(parsed)
 
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(_PUBLIC_PREFIXES):
-            return handler
-        route = self._routes.get(method)
-        if route is None or route.handler is not handler:
-            route = self._route(method, handler)
-            self._routes[method] = route
-        index = self._caller_index(handler_call_details.invocation_metadata or ())
-        if index >= 0:
-            _caller.set(self._names[index])
-        # -1 (no valid token) picks the last handler: the unauthenticated one.
-        return route.by_caller[index]
-
-    def _route(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> _Route:
+    def handlers(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> tuple[grpc.RpcMethodHandler[Any, Any], ...]:
+        """The handler to run for each caller, by the caller's position, with the unauthenticated one last. A caller
+        with the scope gets `handler` itself: nothing is wrapped around the calls that are let through."""
         scope = required_scope(method)
         named: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         by_caller = []
-        for caller in self._callers:
+        for caller in self.callers:
             if caller.name not in named:
                 named[caller.name] = (
                     handler
@@ -275,7 +258,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 )
             by_caller.append(named[caller.name])
         by_caller.append(_aborting(handler, _UNAUTHENTICATED_STATUS))
-        return _Route(handler, tuple(by_caller))
+        return tuple(by_caller)
+
+    def select(
+        self, by_caller: tuple[grpc.RpcMethodHandler[Any, Any], ...], metadata: Any
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """The handler of `by_caller` (from `handlers`) for the caller these metadata name; sets `current_caller()`."""
+        index = self._caller_index(metadata or ())
+        if index >= 0:
+            _caller.set(self._names[index])
+        # -1 (no valid token) picks the last handler: the unauthenticated one.
+        return by_caller[index]
 
     def _caller_index(self, metadata: Any) -> int:
         """The position of the caller whose token the call presents; -1 for none."""
@@ -295,6 +288,36 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return -1
 
 
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """The `CallerGate` as a server interceptor (the production server uses it as a generic handler instead,
+    service/grpc/dispatch.py; this adapter serves the benches that measure the interceptor path)."""
+
+    def __init__(self, callers: Sequence[Caller]) -> None:
+        self._gate = CallerGate(callers)
+        self._routes: dict[
+            str, tuple[grpc.RpcMethodHandler[Any, Any], tuple[grpc.RpcMethodHandler[Any, Any], ...]]
+        ] = {}
+
+    @classmethod
+    def configured(cls, callers: str, api_tokens: Iterable[str]) -> tuple[AuthInterceptor, ...]:
+        """The interceptor for these settings, or none at all (auth off: see `CallerGate.configured`)."""
+        gate = CallerGate.configured(callers, api_tokens)
+        return () if gate is None else (cls(gate.callers),)
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or is_public(method):
+            return handler
+        route = self._routes.get(method)
+        if route is None or route[0] is not handler:
+            route = (handler, self._gate.handlers(method, handler))
+            self._routes[method] = route
+        return self._gate.select(route[1], handler_call_details.invocation_metadata)
+
+
 def status_for(error: DomainError) -> grpc.Status:
     details = []
     if error.reason:
@@ -306,10 +329,59 @@ def status_for(error: DomainError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+def guard(
+    handler: grpc.RpcMethodHandler[Any, Any], method: str, metrics: Metrics | None
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler` with errors mapped and, with `metrics`, counted and timed by method and final code: domain errors
+    become their status (with ErrorInfo); Postgres outages become UNAVAILABLE; undecodable request bytes
+    INVALID_ARGUMENT; the rest INTERNAL. Counting and mapping share one wrapper, so the hot path pays for one.
+    Only unary-unary handlers are guarded; streams (WatchEntitlements, reflection, health's Watch) come back as they
+    are: their errors surface while they are iterated (service/grpc/watch_stream.py maps its own)."""
+    if handler.unary_unary is None:
+        return handler
+    inner = cast(Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]], handler.unary_unary)
+    name = method.rpartition("/")[2]
+    # Bound once per method: a call that ends OK pays one perf_counter pair and a few integer increments.
+    recorder = metrics.rpc.method(name) if metrics is not None else None
+    clock = time.perf_counter
+
+    async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        started = clock()
+        code = "INTERNAL"
+        try:
+            if request is _UNDECODABLE:
+                code = "INVALID_ARGUMENT"
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _UNDECODABLE_MESSAGE)
+            response = await inner(request, context)
+            code = "OK"
+            return response
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except DomainError as error:
+            code = error.grpc_code.name
+            status = status_for(error)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        except Exception as error:
+            if is_database_unavailable(error):
+                code = "UNAVAILABLE"
+                log.warning("grpc.unavailable", extra={"method": method, "why": type(error).__name__})
+                status = status_for(StorageUnavailable())
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            log.exception("grpc.failed", extra={"method": method})
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        finally:
+            if recorder is not None:
+                (recorder.ok if code == "OK" else recorder.code(code)).observe(clock() - started)
+
+    return _same_kind(handler, guarded, request_deserializer=_tolerant(handler.request_deserializer))
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Domain errors become their status (with ErrorInfo); Postgres outages become UNAVAILABLE; the rest INTERNAL.
-    Every call it guards is counted and timed by method and final code (the RPC metrics) in the same wrapper,
-    so the hot path pays for one wrapper, not two."""
+    """`guard` as a server interceptor (the production server composes it at registration instead,
+    service/grpc/dispatch.py; this adapter serves the benches that measure the interceptor path)."""
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self._metrics = metrics
@@ -319,54 +391,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         # Handlers are fixed per method: wrap each once, not on every call of the hot path.
         guarded = self._guarded.get(handler_call_details.method)
         if guarded is None or guarded[0] is not handler:
-            guarded = (handler, self._guard(handler, handler_call_details.method))
+            guarded = (handler, guard(handler, handler_call_details.method, self._metrics))
             self._guarded[handler_call_details.method] = guarded
         return guarded[1]
-
-    def _guard(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
-        inner = cast(Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]], handler.unary_unary)
-        name = method.rpartition("/")[2]
-        # Bound once per method: a call that ends OK pays one perf_counter pair and a few integer increments.
-        recorder = self._metrics.rpc.method(name) if self._metrics is not None else None
-        clock = time.perf_counter
-
-        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            started = clock()
-            code = "INTERNAL"
-            try:
-                if request is _UNDECODABLE:
-                    code = "INVALID_ARGUMENT"
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _UNDECODABLE_MESSAGE)
-                response = await inner(request, context)
-                code = "OK"
-                return response
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except grpc.aio.AbortError:
-                raise
-            except DomainError as error:
-                code = error.grpc_code.name
-                status = status_for(error)
-                await context.abort(status.code, status.details, status.trailing_metadata)
-            except Exception as error:
-                if is_database_unavailable(error):
-                    code = "UNAVAILABLE"
-                    log.warning("grpc.unavailable", extra={"method": method, "why": type(error).__name__})
-                    status = status_for(StorageUnavailable())
-                    await context.abort(status.code, status.details, status.trailing_metadata)
-                log.exception("grpc.failed", extra={"method": method})
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-            finally:
-                if recorder is not None:
-                    (recorder.ok if code == "OK" else recorder.code(code)).observe(clock() - started)
-
-        return _same_kind(handler, guarded, request_deserializer=_tolerant(handler.request_deserializer))
 
 
 class _Undecodable:
