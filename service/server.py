@@ -48,7 +48,8 @@ from service.domain.catalog import Catalog, load_catalog
 from service.domain.clock import Clock, utc_now
 from service.domain.errors import ConfigurationError
 from service.grpc import reflection
-from service.grpc.interceptors import AuthInterceptor, ErrorInterceptor
+from service.grpc.dispatch import Dispatcher
+from service.grpc.interceptors import CallerGate
 from service.grpc.servicer import EntitlementServicer, UseCases
 from service.reconcile_cli import stale_policy
 from service.settings import Settings
@@ -245,19 +246,23 @@ async def start(
         stack.push_async_callback(runner.cleanup)
         http_port = await _listen_http(runner, settings.http_addr)
 
+        # Auth, error mapping and RPC metrics are composed per method in one generic handler, not interceptors:
+        # with any interceptor grpc.aio awaits a coroutine chain per call to find the handler (issue 14). Only
+        # tracing's interceptor remains, when tracing is on. No auth without callers (development); malformed
+        # callers stop the start here.
+        dispatcher = Dispatcher(CallerGate.configured(settings.callers_raw, settings.api_tokens), metrics)
         server = grpc.aio.server(
-            # No auth interceptor without callers (development); malformed callers stop the start here.
-            interceptors=[
-                *([tracing.grpc_interceptor()] if tracing is not None else []),
-                *AuthInterceptor.configured(settings.callers_raw, settings.api_tokens),
-                ErrorInterceptor(metrics),
-            ],
+            interceptors=[tracing.grpc_interceptor()] if tracing is not None else None,
             options=[("grpc.so_reuseport", 0)],
         )
-        pb_grpc.add_EntitlementServiceServicer_to_server(EntitlementServicer(use), server)
+        # Servicers register with the dispatcher, never the server: grpc.aio would look their registered method
+        # handlers up before any generic handler, past the auth.
+        registrar = dispatcher.registrar()
+        pb_grpc.add_EntitlementServiceServicer_to_server(EntitlementServicer(use), registrar)
         health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
+        reflection.enable(registrar, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+        server.add_generic_rpc_handlers((dispatcher,))
         grpc_port = _listen_grpc(server, settings)
         await server.start()
         stack.push_async_callback(lambda: server.stop(grace[0]))
