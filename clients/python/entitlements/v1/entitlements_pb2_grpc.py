@@ -228,6 +228,8 @@ class EntitlementServiceServicer:
 
     def WatchEntitlements(self, request, context):
         """WatchEntitlements streams every entitlement change after a cursor, in commit order, then follows live.
+        Each message is one EntitlementEvent, the name the design gives it (not a ...Response wrapper).
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

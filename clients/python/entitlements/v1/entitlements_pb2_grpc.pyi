@@ -68,7 +68,10 @@ class EntitlementServiceStub:
     GetCharge: _grpc.UnaryUnaryMultiCallable[_entitlements_pb2.GetChargeRequest, _entitlements_pb2.GetChargeResponse]
     """GetCharge reads a charge by id or by the idempotency key that created it."""
     WatchEntitlements: _grpc.UnaryStreamMultiCallable[_entitlements_pb2.WatchEntitlementsRequest, _entitlements_pb2.EntitlementEvent]
-    """WatchEntitlements streams every entitlement change after a cursor, in commit order, then follows live."""
+    """WatchEntitlements streams every entitlement change after a cursor, in commit order, then follows live.
+    Each message is one EntitlementEvent, the name the design gives it (not a ...Response wrapper).
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
 
 @_typing.type_check_only
 class EntitlementServiceAsyncStub(EntitlementServiceStub):
@@ -106,7 +109,10 @@ class EntitlementServiceAsyncStub(EntitlementServiceStub):
     GetCharge: _aio.UnaryUnaryMultiCallable[_entitlements_pb2.GetChargeRequest, _entitlements_pb2.GetChargeResponse]  # type: ignore[assignment]
     """GetCharge reads a charge by id or by the idempotency key that created it."""
     WatchEntitlements: _aio.UnaryStreamMultiCallable[_entitlements_pb2.WatchEntitlementsRequest, _entitlements_pb2.EntitlementEvent]  # type: ignore[assignment]
-    """WatchEntitlements streams every entitlement change after a cursor, in commit order, then follows live."""
+    """WatchEntitlements streams every entitlement change after a cursor, in commit order, then follows live.
+    Each message is one EntitlementEvent, the name the design gives it (not a ...Response wrapper).
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
 
 class EntitlementServiceServicer(metaclass=_abc_1.ABCMeta):
     """EntitlementService answers access questions, exposes subscription state, changes plans and meters credits."""
@@ -237,6 +243,9 @@ class EntitlementServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _entitlements_pb2.WatchEntitlementsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_entitlements_pb2.EntitlementEvent], _abc.AsyncIterator[_entitlements_pb2.EntitlementEvent]]:
-        """WatchEntitlements streams every entitlement change after a cursor, in commit order, then follows live."""
+        """WatchEntitlements streams every entitlement change after a cursor, in commit order, then follows live.
+        Each message is one EntitlementEvent, the name the design gives it (not a ...Response wrapper).
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
 
 def add_EntitlementServiceServicer_to_server(servicer: EntitlementServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

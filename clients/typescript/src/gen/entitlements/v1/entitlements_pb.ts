@@ -2068,6 +2068,8 @@ export const EntitlementService: GenService<{
   },
   /**
    * WatchEntitlements streams every entitlement change after a cursor, in commit order, then follows live.
+   * Each message is one EntitlementEvent, the name the design gives it (not a ...Response wrapper).
+   * buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
    *
    * @generated from rpc entitlements.v1.EntitlementService.WatchEntitlements
    */
