@@ -31,7 +31,7 @@ from service.app.customers import Customers
 from service.app.dodo_gateway import DodoGateway
 from service.app.entitlement_cache import EntitlementCache
 from service.app.entitlement_reader import EntitlementReader
-from service.app.metrics import CacheCollector, Metrics, PoolCollector
+from service.app.metrics import CacheCollector, Metrics, PoolCollector, WatchCollector
 from service.app.plan_changer import PlanChanger
 from service.app.plan_listing import PlanListing
 from service.app.portal_sessions import PortalSessions
@@ -146,6 +146,7 @@ async def start(
             max_streams=settings.watch_max_streams,
         )
         watch_hub.start(tasks)
+        metrics.watch(WatchCollector(watch_hub.figures))
         watch_log = WatchLog(
             db,
             catalog,

@@ -36,6 +36,9 @@ from storage.repositories.watch import WATCH_CHANNEL, WatchRepository
 log = logging.getLogger("entitlements.watch")
 
 _PAGE = 500
+# Replays from Postgres at once per process: streams opened with old cursors take turns, so they cannot take the
+# read budget's connections from CheckAccess (each page holds one connection for one short statement).
+_REPLAYS = 2
 LISTENER_NAME = "entitlements-watch-listener"
 
 
@@ -114,6 +117,7 @@ class WatchHub:
         self._started = asyncio.Event()
         self._stopping = False
         self._listener: asyncpg.Connection | None = None
+        self._replays = asyncio.Semaphore(_REPLAYS)
         self.overflows = 0
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
@@ -162,7 +166,7 @@ class WatchHub:
             if after is not None:
                 last = await self._check(after)
                 while last < joined:
-                    async with self.db.connection(Budget.READ) as connection:
+                    async with self._replays, self.db.connection(Budget.READ) as connection:
                         page = await WatchRepository(connection).read(last, joined, customers, _PAGE)
                     if not page:
                         last = joined
