@@ -411,5 +411,5 @@ async def test_an_unknown_customer_has_no_subscription(webhooks: WebhookPoster, 
     clock.set(CREATED + DAY)
     response = await check(stub, "dashboard", customer_id=OTHER_CUSTOMER)
     assert response == pb.CheckAccessResponse(
-        allowed=False, reason=pb.ACCESS_REASON_NO_SUBSCRIPTION, kind=pb.FEATURE_KIND_BOOLEAN
+        allowed=False, reason=pb.ACCESS_REASON_NO_SUBSCRIPTION, kind=pb.FEATURE_KIND_BOOLEAN, customer_id=OTHER_CUSTOMER
     )
