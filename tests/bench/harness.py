@@ -81,8 +81,9 @@ RSS_TARGET_MB = 300.0
 # RecordUsage (issue 14): durable events per second with 100 events a call; one event a call is for information.
 USAGE_BATCHED_TARGET = 20_000.0
 USAGE_BATCH = 100
-# WatchEntitlements (issue 13): 100 streams of every change while 1,000 changes/s are committed; p99 lag is the figure.
-WATCH_SUBSCRIBERS, WATCH_RATE, WATCH_SECONDS = 100, 1000.0, 10.0
+# WatchEntitlements (issue 13): 100 streams of every change while 1,000 changes/s are committed (issue 13's figure:
+# 100,000 deliveries/s), and at 100 changes/s (10,000 deliveries/s) for the lag where the machine keeps up.
+WATCH_SUBSCRIBERS, WATCH_RATES, WATCH_SECONDS = 100, (1000.0, 100.0), 10.0
 # Prepared webhook events per second of load: above any rate the receiver (or aiohttp's echo) reaches here.
 WEBHOOK_EVENTS_PER_SECOND = 10_000
 # Cores used by processes outside the bench above which a row is flagged as skewed.
@@ -813,27 +814,34 @@ class Bench:
         say(f"  {name}: {events_per_second:.0f} events/s, {accepted} accepted, {added} rows added to usage_events")
 
     async def watch_fanout(self) -> None:
-        result = await watch.fan_out(
-            f"127.0.0.1:{self._ports.service_grpc}",
-            BENCH_TOKEN,
-            self.url,
-            subscribers=WATCH_SUBSCRIBERS,
-            rate=WATCH_RATE,
-            seconds=WATCH_SECONDS,
-            work_dir=self.log_dir,
-        )
-        load = LoadResult(requests_per_second=result.deliveries / WATCH_SECONDS, ok=result.deliveries)
-        case = Case("WatchEntitlements fan-out", "tests/bench/watch.py", WATCH_SUBSCRIBERS, Side("service", load))
-        case.target = "every change to every stream; report p99 change-to-delivery lag"
-        delivered = result.deliveries / result.expected if result.expected else 0.0
-        case.passed = result.expected > 0 and result.deliveries == result.expected and result.cut_off == 0
-        case.why = (
-            f"{result.changes} changes x {WATCH_SUBSCRIBERS} streams: {delivered:.1%} delivered, lag p50 "
-            f"{_ms(result.p50_ms)} p99 {_ms(result.p99_ms)} max {_ms(result.max_ms)}, {result.cut_off} streams cut off"
-        )
-        case.extra = result.as_json()
-        self.cases.append(case)
-        say(f"  {case.why}")
+        for rate in WATCH_RATES:
+            cpu = CpuWindow(self.service.pid, self.database)
+            cpu.start()
+            result = await watch.fan_out(
+                f"127.0.0.1:{self._ports.service_grpc}",
+                BENCH_TOKEN,
+                self.url,
+                subscribers=WATCH_SUBSCRIBERS,
+                rate=rate,
+                seconds=WATCH_SECONDS,
+                work_dir=self.log_dir,
+            )
+            load = LoadResult(requests_per_second=result.deliveries / WATCH_SECONDS, ok=result.deliveries)
+            cpu.stop()
+            side = Side("service", load, server_cpu_us=per_call_us(cpu.server_seconds, result.deliveries))
+            side.other_cores = cpu.other_cores
+            case = Case(f"Watch fan-out {rate:.0f}/s", "tests/bench/watch.py", WATCH_SUBSCRIBERS, side)
+            case.target = "every change to every stream; p99 change-to-delivery lag"
+            delivered = result.deliveries / result.expected if result.expected else 0.0
+            case.passed = result.expected > 0 and result.deliveries == result.expected and result.cut_off == 0
+            case.why = (
+                f"{result.changes} changes x {WATCH_SUBSCRIBERS} streams: {delivered:.1%} delivered within 3 s of the "
+                f"last commit, lag p50 {_ms(result.p50_ms)} p99 {_ms(result.p99_ms)} max {_ms(result.max_ms)}, "
+                f"{result.cut_off} streams cut off"
+            )
+            case.extra = result.as_json()
+            self.cases.append(case)
+            say(f"  {case.why}")
 
     async def local_check(self) -> None:
         target = f"127.0.0.1:{self._ports.service_grpc}"
@@ -887,8 +895,8 @@ class Bench:
             ("record_usage_single", f"RecordUsage, 1 event a call, random customers, at {self.options.in_flight}"),
             (
                 "watch_fanout",
-                f"WatchEntitlements, {WATCH_SUBSCRIBERS} streams, {WATCH_RATE:.0f} committed changes/s "
-                f"for {WATCH_SECONDS:.0f} s",
+                f"WatchEntitlements, {WATCH_SUBSCRIBERS} streams, {' and '.join(f'{r:.0f}' for r in WATCH_RATES)} "
+                f"committed changes/s for {WATCH_SECONDS:.0f} s each",
             ),
             ("local_check", "client.local(): CheckAccess answered in the caller's process"),
         ]
