@@ -820,7 +820,6 @@ class Bench:
             result = await watch.fan_out(
                 f"127.0.0.1:{self._ports.service_grpc}",
                 BENCH_TOKEN,
-                self.url,
                 subscribers=WATCH_SUBSCRIBERS,
                 rate=rate,
                 seconds=WATCH_SECONDS,

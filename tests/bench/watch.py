@@ -1,16 +1,16 @@
 """WatchEntitlements benchmarks (issue 13): fan-out lag and the caller-side cache's check cost.
 
-Fan-out: `subscribers` streams (every customer, from now) spread over subscriber processes, while a producer commits
-`rate` balance changes a second straight into Postgres (the triggers log them like any write; the path that writes
-is not what is measured here). Each change carries its sequence number as the balance; the producer notes when
-each commit returned, each stream when the event arrived, and the lag is the difference (one wall clock, one
-machine). Reported: deliveries, p50/p99/max lag, and streams cut off as too slow.
+Fan-out: `subscribers` streams (every customer, from now) spread over subscriber processes, while a producer makes
+`rate` changes a second through the service (ConsumeCredits of 1 on 100 seeded customers, as a calling service
+would). A change is named by (customer, balance after); the producer notes when each was acknowledged, each stream
+when its event arrived, and the lag is the difference (one wall clock, one machine). Reported: deliveries, p50/p99/max
+lag, and streams cut off as too slow.
 
 Local check: `client.local()` of the Python client, the per-call cost of a CheckAccess answered in-process
 (tests/clients/local_check_timing.py), p50 and p99.
 
-Run alone against a running service: `python -m tests.bench.watch fanout --target HOST:PORT --token T --database-url
-URL`; the harness (tests/bench/harness.py, `make bench`) runs both as rows of its table.
+Run alone against a running service: `python -m tests.bench.watch fanout --target HOST:PORT --token T` (a service
+seeded by tests/bench/seed.py); the harness (tests/bench/harness.py, `make bench`) runs both as rows of its table.
 """
 
 from __future__ import annotations
@@ -21,15 +21,17 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
 import grpc
 from entitlements.v1 import entitlements_pb2 as pb
 from entitlements.v1 import entitlements_pb2_grpc as pb_grpc
 
-CREDIT = "ai_tokens"
+from tests.bench.common import CREDIT, customer_id
+
+# The first seeded customers (tests/bench/seed.py: each has a large ai_tokens balance).
 ACCOUNTS = 100
 HEARTBEAT = pb.ENTITLEMENT_EVENT_KIND_HEARTBEAT
 CHANGED = pb.ENTITLEMENT_EVENT_KIND_CREDITS_CHANGED
@@ -64,7 +66,8 @@ def _percentile(ordered: list[float], share: float) -> float | None:
 async def _subscribe(target: str, token: str, streams: int) -> dict[str, object]:
     """Open `streams` streams, say "ready" once each has caught up, record arrivals until a line on stdin."""
     metadata = (("authorization", f"Bearer {token}"),)
-    received: list[list[tuple[int, float]]] = [[] for _ in range(streams)]
+    received: list[list[tuple[str, str, float]]] = [[] for _ in range(streams)]
+    watched = {customer_id(n) for n in range(ACCOUNTS)}
     cut = 0
     ready = 0
     all_ready = asyncio.Event()
@@ -85,8 +88,8 @@ async def _subscribe(target: str, token: str, streams: int) -> dict[str, object]
                         ready += 1
                         if ready == streams:
                             all_ready.set()
-                    if event.kind == CHANGED and event.customer_id.startswith("watchb_"):
-                        got.append((int(event.balance), now))
+                    if event.kind == CHANGED and event.customer_id in watched:
+                        got.append((event.customer_id, event.balance, now))
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     cut += 1
@@ -106,48 +109,45 @@ async def _subscribe(target: str, token: str, streams: int) -> dict[str, object]
 # --- the producer and the whole run ------------------------------------------------------------------------------
 
 
-async def _produce(url: str, rate: float, seconds: float) -> dict[int, float]:
-    connection = await asyncpg.connect(url)
-    committed: dict[int, float] = {}
-    try:
-        await connection.execute(
-            "INSERT INTO credit_balances (customer_id, credit, balance) "
-            "SELECT 'watchb_' || n, $1, 0 FROM generate_series(0, $2 - 1) AS n "
-            "ON CONFLICT (customer_id, credit) DO UPDATE SET balance = 0",
-            CREDIT,
-            ACCOUNTS,
-        )
-        base = int(await connection.fetchval("SELECT coalesce(max(balance), 0) FROM credit_balances") or 0) + 1
-        tick = 0.01
-        per_tick = max(1, round(rate * tick))
-        seq = base
-        started = time.perf_counter()
-        ticks = int(seconds / tick)
-        for index in range(ticks):
-            numbers = list(range(seq, seq + per_tick))
-            seq += per_tick
-            await connection.execute(
-                "UPDATE credit_balances AS b SET balance = v.n FROM unnest($1::text[], $2::bigint[]) AS v(c, n) "
-                "WHERE b.customer_id = v.c AND b.credit = $3",
-                [f"watchb_{n % ACCOUNTS}" for n in numbers],
-                numbers,
-                CREDIT,
+async def _produce(target: str, token: str, rate: float, seconds: float) -> dict[tuple[str, str], float]:
+    """ConsumeCredits through the service at `rate` a second (as a calling service would write): each answer's
+    (customer, balance_after) names the change, noted with the time its commit was acknowledged."""
+    metadata = (("authorization", f"Bearer {token}"),)
+    committed: dict[tuple[str, str], float] = {}
+    tick = 0.01
+    per_tick = max(1, round(rate * tick))
+    run = uuid.uuid4().hex[:8]
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.EntitlementServiceStub(channel)
+
+        async def consume(number: int) -> None:
+            customer = customer_id(number % ACCOUNTS)
+            answer = await stub.ConsumeCredits(
+                pb.ConsumeCreditsRequest(
+                    customer_id=customer, credit=CREDIT, amount="1", idempotency_key=f"watch-{run}-{number}"
+                ),
+                metadata=metadata,
+                timeout=10,
             )
-            now = time.time()
-            for number in numbers:
-                committed[number] = now
+            committed[(customer, answer.balance_after)] = time.time()
+
+        started = time.perf_counter()
+        pending: set[asyncio.Task[None]] = set()
+        for index in range(int(seconds / tick)):
+            for number in range(index * per_tick, (index + 1) * per_tick):
+                task = asyncio.create_task(consume(number))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
             delay = started + (index + 1) * tick - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-    finally:
-        await connection.close()
+        await asyncio.gather(*pending, return_exceptions=True)
     return committed
 
 
 async def fan_out(
     target: str,
     token: str,
-    url: str,
     *,
     subscribers: int = 100,
     rate: float = 1000.0,
@@ -174,7 +174,7 @@ async def fan_out(
             line = await asyncio.to_thread(proc.stdout.readline)
             if line.strip() != "ready":
                 raise RuntimeError(f"a subscriber process did not get ready: {line!r}")
-        committed = await _produce(url, rate, seconds)
+        committed = await _produce(target, token, rate, seconds)
         await asyncio.sleep(3.0)  # the last events arrive
     finally:
         for proc in procs:
@@ -192,8 +192,8 @@ async def fan_out(
         data = json.loads(out.read_text())
         cut += int(data["cut"])
         for stream in data["received"]:
-            for number, at in stream:
-                sent = committed.get(int(number))
+            for customer, balance, at in stream:
+                sent = committed.get((customer, balance))
                 if sent is not None:
                     deliveries += 1
                     lags.append((at - sent) * 1000)
@@ -223,7 +223,6 @@ def _main() -> int:
     f = sub.add_parser("fanout")
     f.add_argument("--target", required=True)
     f.add_argument("--token", required=True)
-    f.add_argument("--database-url", required=True)
     f.add_argument("--subscribers", type=int, default=100)
     f.add_argument("--rate", type=float, default=1000.0)
     f.add_argument("--seconds", type=float, default=10.0)
@@ -235,7 +234,6 @@ def _main() -> int:
         fan_out(
             args.target,
             args.token,
-            args.database_url,
             subscribers=args.subscribers,
             rate=args.rate,
             seconds=args.seconds,
