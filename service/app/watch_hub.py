@@ -234,6 +234,14 @@ class WatchHub:
             self._wake.clear()
 
     async def _catch_up(self) -> None:
+        if not self._streams:
+            # Nobody to give events to: follow the head's position alone (one small read instead of decoding every
+            # event). A stream that joins later replays from Postgres up to where it joined.
+            async with self.db.connection(Budget.READ) as connection:
+                head = await WatchRepository(connection).head()
+            if not self._streams:  # still nobody (one that joined meanwhile needs the events read below)
+                self.position = max(self.position, head.position)
+                return
         while True:
             async with self.db.connection(Budget.READ) as connection:
                 page = await WatchRepository(connection).read(self.position, 2**63 - 1, None, _PAGE)

@@ -74,7 +74,9 @@ CASES = (
 # CheckAccess targets are ratios to the bare identity echo (issue 14): the framework's own ceiling.
 CHECK_HOT_TARGET, CHECK_HOT_P99 = 0.85, 1.5
 CHECK_RANDOM_TARGET = 0.75
-CONSUME_RANDOM_TARGET = 0.35
+# Issue 14: random customers >= 0.5x the protobuf echo; a hot customer >= 1.0x the raw single-row UPDATE loop at
+# its best concurrency (the sweep below finds it).
+CONSUME_RANDOM_TARGET = 0.5
 CONSUME_HOT_TARGET = 1.0
 WEBHOOK_TARGET = 2000.0
 RSS_TARGET_MB = 300.0
@@ -633,6 +635,9 @@ class Bench:
             f"{best.load.requests_per_second:.0f}/s): {best_ratio:.2f}×"
         )
         case.why = f"{case.why}; {note}" if case.why else note
+        # The target is the loop at its best, not at the service's concurrency (where it queues on the row lock).
+        case.target = f"≥{CONSUME_HOT_TARGET:.1f}× raw UPDATE at its best"
+        case.passed = best_ratio >= CONSUME_HOT_TARGET
 
     async def raw_update(self, in_flight: int, window: Window) -> tuple[Side, int]:
         connections = await self._connections_available(in_flight)
@@ -813,6 +818,24 @@ class Bench:
         self._record(case)
         say(f"  {name}: {events_per_second:.0f} events/s, {accepted} accepted, {added} rows added to usage_events")
 
+    async def settle_watch_log(self) -> None:
+        """The seed's rows went through the watch log's triggers like any write: wait until the service has
+        sequenced them, so that no case is measured while that backlog is worked off (and say how fast it was)."""
+        connection = await asyncpg.connect(self.url)
+        try:
+            backlog = int(await connection.fetchval("SELECT count(*) FROM watch_pending"))
+            started = time.perf_counter()
+            while await connection.fetchval("SELECT count(*) FROM watch_pending") > 0:
+                if time.perf_counter() - started > 600:
+                    raise BenchError("the watch log's backlog was not sequenced within 600 s")
+                await asyncio.sleep(0.5)
+            seconds = time.perf_counter() - started
+            events = int(await connection.fetchval("SELECT count(*) FROM watch_events"))
+        finally:
+            await connection.close()
+        self.setup["watch_seed_backlog"] = {"pending": backlog, "events": events, "seconds": round(seconds, 1)}
+        say(f"watch log: sequenced the seed's {backlog} changes into {events} events in {seconds:.1f}s")
+
     async def watch_fanout(self) -> None:
         for rate in WATCH_RATES:
             cpu = CpuWindow(self.service.pid, self.database)
@@ -878,6 +901,7 @@ class Bench:
         body_file.write_bytes(h2load.grpc_frame(request.SerializeToString()))
         self.servers.pool = WorkerPool(self.options.workers)
         await self.sanity(ports, body_file)
+        await self.settle_watch_log()
         selected = self.options.cases
         stages = [
             ("check_hot", f"CheckAccess, one hot customer, h2load at {self.options.h2load_in_flight} in flight"),
