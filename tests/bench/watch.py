@@ -49,6 +49,7 @@ class FanOut:
     p99_ms: float | None
     max_ms: float | None
     cut_off: int
+    refused_writes: int
 
     def as_json(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -109,11 +110,13 @@ async def _subscribe(target: str, token: str, streams: int) -> dict[str, object]
 # --- the producer and the whole run ------------------------------------------------------------------------------
 
 
-async def _produce(target: str, token: str, rate: float, seconds: float) -> dict[tuple[str, str], float]:
+async def _produce(target: str, token: str, rate: float, seconds: float) -> tuple[dict[tuple[str, str], float], int]:
     """ConsumeCredits through the service at `rate` a second (as a calling service would write): each answer's
-    (customer, balance_after) names the change, noted with the time its commit was acknowledged."""
+    (customer, balance_after) names the change, noted with the time its commit was acknowledged. Also returns how
+    many writes the service refused (UNAVAILABLE when its bounded queue was full: it could not keep the rate)."""
     metadata = (("authorization", f"Bearer {token}"),)
     committed: dict[tuple[str, str], float] = {}
+    refused = 0
     tick = 0.01
     per_tick = max(1, round(rate * tick))
     run = uuid.uuid4().hex[:8]
@@ -121,14 +124,19 @@ async def _produce(target: str, token: str, rate: float, seconds: float) -> dict
         stub = pb_grpc.EntitlementServiceStub(channel)
 
         async def consume(number: int) -> None:
+            nonlocal refused
             customer = customer_id(number % ACCOUNTS)
-            answer = await stub.ConsumeCredits(
-                pb.ConsumeCreditsRequest(
-                    customer_id=customer, credit=CREDIT, amount="1", idempotency_key=f"watch-{run}-{number}"
-                ),
-                metadata=metadata,
-                timeout=10,
-            )
+            try:
+                answer = await stub.ConsumeCredits(
+                    pb.ConsumeCreditsRequest(
+                        customer_id=customer, credit=CREDIT, amount="1", idempotency_key=f"watch-{run}-{number}"
+                    ),
+                    metadata=metadata,
+                    timeout=10,
+                )
+            except grpc.aio.AioRpcError:
+                refused += 1
+                return
             committed[(customer, answer.balance_after)] = time.time()
 
         started = time.perf_counter()
@@ -142,7 +150,7 @@ async def _produce(target: str, token: str, rate: float, seconds: float) -> dict
             if delay > 0:
                 await asyncio.sleep(delay)
         await asyncio.gather(*pending, return_exceptions=True)
-    return committed
+    return committed, refused
 
 
 async def fan_out(
@@ -174,7 +182,7 @@ async def fan_out(
             line = await asyncio.to_thread(proc.stdout.readline)
             if line.strip() != "ready":
                 raise RuntimeError(f"a subscriber process did not get ready: {line!r}")
-        committed = await _produce(target, token, rate, seconds)
+        committed, refused = await _produce(target, token, rate, seconds)
         await asyncio.sleep(3.0)  # the last events arrive
     finally:
         for proc in procs:
@@ -209,6 +217,7 @@ async def fan_out(
         p99_ms=_percentile(lags, 0.99),
         max_ms=lags[-1] if lags else None,
         cut_off=cut,
+        refused_writes=refused,
     )
 
 
