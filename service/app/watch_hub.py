@@ -26,7 +26,6 @@ from typing import Any
 import asyncpg
 
 from service.app.background import BackgroundTasks, wait_for_event
-from service.domain import watch_rules
 from service.domain.errors import CursorExpired, InvalidField, ResourceExhausted, Unavailable, WatchSubscriberTooSlow
 from service.domain.watch_rules import Cursor, WatchEvent
 from storage.engine import Budget, Database
@@ -137,10 +136,6 @@ class WatchHub:
         for stream in self._streams:
             stream.closed = True
             stream.ready.set()
-
-    @property
-    def streams(self) -> int:
-        return len(self._streams)
 
     def figures(self) -> dict[str, int]:
         return {"streams": len(self._streams), "position": max(self.position, 0), "cut": self.overflows}
@@ -290,7 +285,3 @@ class WatchHub:
 
     def _on_notice(self, connection: Any, pid: int, channel: str, payload: object) -> None:
         self._wake.set()
-
-
-def customer_filter(customer_ids: Sequence[str]) -> frozenset[str] | None:
-    return watch_rules.check_customer_ids(customer_ids)

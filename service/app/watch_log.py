@@ -80,10 +80,6 @@ class WatchLog:
     def start(self, tasks: BackgroundTasks) -> None:
         tasks.spawn("watch-sequencer", self._run())
 
-    @property
-    def next_instant(self) -> datetime | None:
-        return self._next_instant
-
     async def sequence(self) -> int:
         """Everything committed so far into the log; returns how many events were added."""
         total = 0
@@ -224,9 +220,9 @@ class WatchLog:
             if definition.dodo_credit_entitlement_id is not None:
                 linked.setdefault(change.customer_id, []).append(definition)
         if linked:
-            subscriptions = SubscriptionRepository(repo.connection)
+            by_customer = await SubscriptionRepository(repo.connection).for_customers(list(linked))
             for customer_id, definitions in linked.items():
-                subs = await subscriptions.for_customer(customer_id)
+                subs = by_customer[customer_id]
                 for definition in definitions:
                     limits[(customer_id, definition.key)] = credit_rules.overage_limit(
                         definition, subs, self.catalog, now

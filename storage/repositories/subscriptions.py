@@ -138,6 +138,17 @@ class SubscriptionRepository:
         )
         return [to_state(row) for row in rows]
 
+    async def for_customers(self, customer_ids: Sequence[str]) -> dict[str, list[SubscriptionState]]:
+        """`for_customer` for several customers in one round trip (every id is a key, [] when it has none)."""
+        found: dict[str, list[SubscriptionState]] = {customer_id: [] for customer_id in customer_ids}
+        rows = await self.connection.fetch(
+            f"{SELECT_SUBSCRIPTIONS} WHERE customer_id = ANY($1::text[]) ORDER BY dodo_created_at DESC",
+            list(found),
+        )
+        for row in rows:
+            found[row["customer_id"]].append(to_state(row))
+        return found
+
     async def save(
         self,
         state: SubscriptionState,

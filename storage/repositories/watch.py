@@ -25,7 +25,7 @@ import orjson
 from service.domain.values import SubscriptionState
 from service.domain.watch_rules import NewEvent, WatchEvent, WatchKind
 from storage.engine import Connection
-from storage.repositories.subscriptions import _cart_json, _scheduled_json, to_state
+from storage.repositories.subscriptions import to_state
 
 WATCH_CHANNEL = "entitlements_watch"
 
@@ -168,52 +168,29 @@ def state_from_json(data: dict[str, Any]) -> SubscriptionState:
     return to_state(row)
 
 
-def state_json(state: SubscriptionState | None) -> dict[str, Any] | None:
-    """The inverse of `state_from_json`, for events made from a state read outside the triggers."""
-    if state is None:
-        return None
-    return {
-        "subscription_id": state.subscription_id,
-        "customer_id": state.customer_id,
-        "product_id": state.product_id,
-        "status": state.status,
-        "quantity": state.quantity,
-        "currency": state.currency,
-        "recurring_pre_tax_amount": state.recurring_pre_tax_amount,
-        "payment_frequency_count": state.payment_frequency_count,
-        "payment_frequency_interval": state.payment_frequency_interval,
-        "trial_period_days": state.trial_period_days,
-        "dodo_created_at": state.created_at.isoformat(),
-        "previous_billing_date": _iso(state.previous_billing_date),
-        "next_billing_date": _iso(state.next_billing_date),
-        "cancel_at_next_billing_date": state.cancel_at_next_billing_date,
-        "cancelled_at": _iso(state.cancelled_at),
-        "expires_at": _iso(state.expires_at),
-        "past_due_ends_at": _iso(state.past_due_ends_at),
-        "on_hold_since": _iso(state.on_hold_since),
-        "hold_cleared_at": _iso(state.hold_cleared_at),
-        "scheduled_change": _scheduled_json(state.scheduled_change),
-        "credit_entitlement_cart": [_cart_json(c) for c in state.credit_cart],
-        "addons": [{"addon_id": a.addon_id, "quantity": a.quantity} for a in state.addons],
-        "last_event_at": _iso(state.last_event_at),
-        "updated_at": _iso(state.updated_at),
-        "customer_email": state.customer_email,
-        "customer_name": state.customer_name,
-    }
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
-
-
 def _grace_arrays(grace_days: dict[str, int]) -> tuple[list[str], list[int]]:
     products = sorted(grace_days)
     return products, [grace_days[p] for p in products]
 
 
 class WatchRepository:
+    """One per sequencer pass or read. Each subscription state it parsed is kept with the JSON it came from, so
+    an event made from it stores the stored JSON itself (never a second mapping of the columns to keep in step)."""
+
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
+        self._stored: dict[int, tuple[SubscriptionState, dict[str, Any]]] = {}
+
+    def _state(self, data: dict[str, Any]) -> SubscriptionState:
+        state = state_from_json(data)
+        self._stored[id(state)] = (state, data)
+        return state
+
+    def _stored_json(self, state: SubscriptionState) -> str:
+        kept = self._stored.get(id(state))
+        if kept is None or kept[0] is not state:
+            raise ValueError("an event's subscription must be one this repository read (pending() or due())")
+        return orjson.dumps(kept[1]).decode()
 
     async def head(self, *, lock: bool = False) -> Head:
         """The log's head; with `lock`, held until the transaction ends (only one sequencer at a time, across
@@ -240,7 +217,7 @@ class WatchRepository:
                     occurred_at=row["occurred_at"],
                     subscription_id=row["subscription_id"],
                     old_state=None if old_state is None else state_from_json(old_state),
-                    new_state=None if new_state is None else state_from_json(new_state),
+                    new_state=None if new_state is None else self._state(new_state),
                     credit=row["credit"],
                     old_balance=row["old_balance"],
                     new_balance=row["new_balance"],
@@ -254,7 +231,7 @@ class WatchRepository:
         """Subscriptions with an instant in (after, through] at which time may change their decision."""
         products, days = _grace_arrays(grace_days)
         rows = await self.connection.fetch(_DUE, products, days, default_grace, after, through)
-        return [DueSubscription(state_from_json(row["state"]), row["linked_ref"]) for row in rows]
+        return [DueSubscription(self._state(row["state"]), row["linked_ref"]) for row in rows]
 
     async def next_instant(self, grace_days: dict[str, int], default_grace: int, after: datetime) -> datetime | None:
         products, days = _grace_arrays(grace_days)
@@ -292,7 +269,7 @@ class WatchRepository:
             [e.customer_id for e in events],
             [e.customer_ref for e in events],
             [e.kind.value for e in events],
-            [None if e.subscription is None else _json(state_json(e.subscription)) for e in events],
+            [None if e.subscription is None else self._stored_json(e.subscription) for e in events],
             [e.credit for e in events],
             [e.balance for e in events],
             [e.threshold for e in events],
@@ -330,7 +307,3 @@ class WatchRepository:
         row = await self.connection.fetchrow(_PRUNE, retention, head.pruned_through, limit)
         assert row is not None
         return int(row["pruned"]), int(row["pruned_through"])
-
-
-def _json(value: dict[str, Any] | None) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()

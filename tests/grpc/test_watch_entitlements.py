@@ -28,6 +28,7 @@ from tests.support import (
     FakeClock,
     WebhookPoster,
     bearer,
+    credit_ledger_event,
     error_info,
     in_current_period,
     iso,
@@ -515,7 +516,7 @@ async def test_trial_end_fires_access_changed_within_a_second_exactly_once_acros
                 assert first.subscription.access.reason == pb.ACCESS_REASON_TRIALING
                 ended = await until(call, lambda m: m.kind == pb.ENTITLEMENT_EVENT_KIND_ACCESS_CHANGED, seconds=5)
                 received_at = datetime.now(UTC)
-                assert ended.occurred_at.ToDatetime(UTC) == trial_end.replace(microsecond=trial_end.microsecond)
+                assert ended.occurred_at.ToDatetime(UTC) == trial_end
                 assert ended.subscription.access.reason == pb.ACCESS_REASON_ACTIVE
                 assert received_at - trial_end < timedelta(seconds=1), received_at - trial_end
                 call.cancel()
@@ -589,4 +590,34 @@ async def test_metrics_show_open_streams_and_the_position_read(
     assert "entitlements_watch_streams 1.0" in body
     assert "entitlements_watch_position 3.0" in body
     assert "entitlements_watch_streams_cut_total 0.0" in body
+    call.cancel()
+
+
+async def test_exhausted_for_a_dodo_linked_credit_uses_the_carts_overage_like_consumption_does(
+    service: Running, stub: Stub, webhooks: WebhookPoster, clock: FakeClock
+) -> None:
+    """api_calls allows 100 below zero in the catalog; this subscription's cart raises it to 300. EXHAUSTED must
+    fire where ConsumeCredits and CheckAccess put the end of the headroom (-300), not at the catalog's -100."""
+    event = copy.deepcopy(load_event("subscription_active"))
+    event["data"]["credit_entitlement_cart"][0].update(overage_enabled=True, overage_limit="300")
+    await webhooks.send(event)
+    await webhooks.send(credit_ledger_event(entry_id="cle_watch_1", amount="1000", at=clock.now))
+    call, cursor = await opened(stub, customer_ids=[CUSTOMER_ID])
+
+    async def consume(amount: str, key: str) -> None:
+        await stub.ConsumeCredits(
+            pb.ConsumeCreditsRequest(customer_id=CUSTOMER_ID, credit="api_calls", amount=amount, idempotency_key=key)
+        )
+
+    await consume("1000", "a1")  # 0: headroom 300 left
+    await consume("250", "a2")  # -250: past the catalog's -100, inside the cart's -300
+    check = await stub.CheckAccess(pb.CheckAccessRequest(customer_id=CUSTOMER_ID, feature="api_calls"))
+    assert check.allowed
+    await consume("50", "a3")  # -300: the headroom is gone
+    await until(call, lambda m: m.kind == pb.ENTITLEMENT_EVENT_KIND_CREDITS_EXHAUSTED)
+    check = await stub.CheckAccess(pb.CheckAccessRequest(customer_id=CUSTOMER_ID, feature="api_calls"))
+    assert check.reason == pb.ACCESS_REASON_CREDITS_EXHAUSTED
+    got = [(m.kind, m.balance) for m in await replayed(stub, after_cursor=cursor) if m.credit == "api_calls"]
+    assert (pb.ENTITLEMENT_EVENT_KIND_CREDITS_EXHAUSTED, "-300") in got
+    assert [k for k, _ in got].count(pb.ENTITLEMENT_EVENT_KIND_CREDITS_EXHAUSTED) == 1
     call.cancel()
